@@ -1,0 +1,328 @@
+"""The one shared model manager: resolve a name to a file, load it safely, detect it, cache it, place it.
+
+    desc = get_manager().load("4x_foo.pth", "upscale_models", family="upscale")
+    out = get_manager().run(desc, lambda model: model(x.to(*placement(model))))
+
+Inside ComfyUI every model is wrapped in a ModelPatcher and placed through `load_models_gpu` (see host.py), so
+ComfyUI's own memory manager evicts ours when it needs room and "Unload models" frees them. Outside ComfyUI the
+manager keeps models on the offload device and moves them to the compute device while used, within a budget,
+least recently used evicted first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import host, registry
+from .descriptor import ModelDescriptor
+from .errors import ModelPathError, WrongFamilyError
+from .loading import MODEL_EXTENSIONS, read_state_dict
+
+log = logging.getLogger(__name__)
+
+FOLDERS = ("upscale_models", "vae", "vae_approx", "checkpoints", "diffusion_models", "gans", "inpaint")
+ENV_MODELS = "ATELIER_MODELS"
+
+
+def placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, floating dtype) of a module's weights: move inputs there before calling it."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+@dataclass
+class _Entry:
+    path: str
+    dtype: torch.dtype
+    desc: ModelDescriptor
+    patcher: Any = None  # ComfyUI ModelPatcher, inside ComfyUI
+    in_use: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def on_device(self) -> bool:
+        return placement(self.desc.model)[0].type != "cpu"
+
+
+class ModelManager:
+    """Process-wide model cache and placement. Tests make fresh ones; nodes use `get_manager()`."""
+
+    def __init__(
+        self,
+        models_root: str | None = None,
+        *,
+        device: torch.device | None = None,
+        offload_device: torch.device | None = None,
+        budget_bytes: int | None = None,
+        ram_cache_bytes: int = 8 << 30,
+    ) -> None:
+        self.models_root = os.path.abspath(models_root or os.environ.get(ENV_MODELS) or "models")
+        self._device = device
+        self._offload = offload_device
+        self.budget_bytes = budget_bytes  # device memory our models may occupy (outside ComfyUI); None: free memory
+        self.ram_cache_bytes = ram_cache_bytes  # weights kept in RAM between runs
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()  # LRU order: oldest first
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------ devices
+
+    @property
+    def compute_device(self) -> torch.device:
+        if self._device is None:
+            self._device = host.compute_device()
+        return self._device
+
+    @property
+    def offload_device(self) -> torch.device:
+        if self._offload is None:
+            self._offload = host.offload_device() if self._device is None else torch.device("cpu")
+        return self._offload
+
+    def dtype_for(self, desc: ModelDescriptor) -> torch.dtype:
+        """fp32 on CPU; bf16 or fp16 on GPU where the architecture supports it."""
+        dev = self.compute_device
+        if dev.type == "cuda":
+            if desc.supports_bfloat16 and torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            if desc.supports_half:
+                return torch.float16
+        elif dev.type == "mps" and desc.supports_half:
+            return torch.float16
+        return torch.float32
+
+    # ------------------------------------------------------------ names and files
+
+    def folder_dirs(self, folder: str) -> list[str]:
+        dirs = host.folder_dirs(folder)
+        return dirs if dirs is not None else [os.path.join(self.models_root, folder)]
+
+    def list_models(self, folder: str) -> list[str]:
+        """Model file names (relative to their folder) a loader node offers."""
+        names = host.folder_files(folder)
+        if names is None:
+            names = []
+            for d in self.folder_dirs(folder):
+                for base, _dirs, files in os.walk(d, followlinks=True):
+                    rel = os.path.relpath(base, d)
+                    names += [os.path.normpath(os.path.join(rel, f)) for f in files]
+        return sorted(n for n in set(names) if os.path.splitext(n)[1].lower() in MODEL_EXTENSIONS)
+
+    def resolve(self, folder: str, name: str) -> str:
+        """A model name -> its file. Names that escape their folder (.., absolute, outward links) are refused."""
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ModelPathError(f"{folder}: expected a model file name, got {name!r}")
+        norm = os.path.normpath(name.replace("\\", "/"))
+        if os.path.isabs(name) or os.path.isabs(norm) or norm.split(os.sep)[0] == ".." or ":" in norm.split(os.sep)[0]:
+            raise ModelPathError(f"{folder}: model name {name!r} escapes the {folder!r} folder; give a name inside it")
+        for d in self.folder_dirs(folder):
+            cand = os.path.join(d, norm)
+            if not os.path.isfile(cand):
+                continue
+            real_dir, real = os.path.realpath(d), os.path.realpath(cand)
+            if os.path.commonpath([real_dir, real]) != real_dir:
+                raise ModelPathError(f"{folder}: {name!r} is a link pointing outside the {folder!r} folder ({real}); refused")
+            return real
+        have = self.list_models(folder)
+        hint = f"; available: {', '.join(have[:8])}" + (" ..." if len(have) > 8 else "") if have else " (folder is empty)"
+        raise ModelPathError(f"{folder}: no model named {name!r} in {self.folder_dirs(folder)}{hint}")
+
+    # ------------------------------------------------------------ loading and cache
+
+    def load(
+        self,
+        name: str,
+        folder: str | None = None,
+        *,
+        family: str | tuple[str, ...] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ModelDescriptor:
+        """Load (or return cached) a model. `folder=None`: `name` is a file path."""
+        path = self.resolve(folder, name) if folder else os.path.realpath(name)
+        if not os.path.isfile(path):
+            raise ModelPathError(f"model file {name!r} not found")
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns, str(dtype) if dtype else "auto")
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self._drop_stale(path, key)
+                entry = self._load_entry(path, dtype)
+                self._entries[key] = entry
+                self._trim_ram()
+            self._entries.move_to_end(key)
+        _check_family(entry.desc, family, name)
+        return entry.desc
+
+    def _load_entry(self, path: str, dtype: torch.dtype | None) -> _Entry:
+        t0 = time.perf_counter()
+        sd, meta = read_state_dict(path)
+        desc = registry.detect(sd, meta, source=path)
+        del sd
+        dtype = dtype or self.dtype_for(desc)
+        desc.model.to(device=self.offload_device, dtype=dtype)
+        log.info("loaded %s (%s %s, %s) in %.2fs", os.path.basename(path), desc.family, desc.architecture,
+                 str(dtype).replace("torch.", ""), time.perf_counter() - t0)
+        return _Entry(path, dtype, desc, host.make_patcher(desc.model, self.compute_device, self.offload_device))
+
+    def _drop_stale(self, path: str, key: tuple) -> None:
+        """A changed file (other size or mtime) reloads: forget what was read from its old version."""
+        for k in [k for k in self._entries if k[0] == path and k[1:3] != key[1:3]]:
+            self._forget(k)
+
+    def _trim_ram(self) -> None:
+        total = sum(e.desc.weight_bytes for e in self._entries.values())
+        for k in list(self._entries):
+            if total <= self.ram_cache_bytes or len(self._entries) <= 1:
+                break
+            e = self._entries[k]
+            if e.in_use == 0:
+                total -= e.desc.weight_bytes
+                self._forget(k)
+
+    def _forget(self, key: tuple) -> None:
+        entry = self._entries.pop(key)
+        if entry.patcher is not None:
+            host.unload_patcher(entry.patcher)
+
+    def adopt(self, desc: ModelDescriptor) -> ModelDescriptor:
+        """Register a model built elsewhere (e.g. core's UPSCALE_MODEL) so it is placed and evicted like ours."""
+        with self._lock:
+            if self._entry(desc) is None:
+                dtype = placement(desc.model)[1]
+                key = ("adopted", id(desc.model), 0, str(dtype))
+                self._entries[key] = _Entry(desc.source, dtype, desc, host.make_patcher(desc.model, self.compute_device, self.offload_device))
+                self._trim_ram()
+        return desc
+
+    def _entry(self, desc: ModelDescriptor) -> _Entry | None:
+        return next((e for e in self._entries.values() if e.desc.model is desc.model), None)
+
+    def cached(self) -> list[ModelDescriptor]:
+        return [e.desc for e in self._entries.values()]
+
+    # ------------------------------------------------------------ placement
+
+    @contextmanager
+    def use(self, desc: ModelDescriptor, memory_required: int | None = None) -> Iterator[torch.nn.Module]:
+        """The module on the compute device for the duration of the block (it stays there, evictable, after)."""
+        entry = self._entry(desc) or self._entry(self.adopt(desc))
+        need = memory_required if memory_required is not None else desc.memory_estimate(dtype=entry.dtype)
+        with self._lock:
+            entry.in_use += 1
+            try:
+                if entry.patcher is not None:
+                    host.load_patchers([entry.patcher], need)
+                else:
+                    self._place(entry)
+            except BaseException:
+                entry.in_use -= 1
+                raise
+        try:
+            yield desc.model
+        finally:
+            with self._lock:
+                entry.in_use -= 1
+                entry.last_used = time.monotonic()
+
+    def _place(self, entry: _Entry) -> None:
+        dev = self.compute_device
+        if placement(entry.desc.model)[0] == dev:
+            return
+        if dev.type != "cpu":
+            budget = self.budget_bytes if self.budget_bytes is not None else host.free_bytes(dev) + self._resident_bytes()
+            resident = sorted((e for e in self._entries.values() if e.on_device and e is not entry), key=lambda e: e.last_used)
+            used = sum(e.desc.weight_bytes for e in resident)
+            for e in resident:  # least recently used first
+                if used + entry.desc.weight_bytes <= budget:
+                    break
+                if e.in_use == 0:
+                    e.desc.model.to(self.offload_device)
+                    used -= e.desc.weight_bytes
+            host.empty_cache()
+        entry.desc.model.to(dev)
+
+    def _resident_bytes(self) -> int:
+        return sum(e.desc.weight_bytes for e in self._entries.values() if e.on_device)
+
+    def run(self, desc: ModelDescriptor, fn: Callable[[torch.nn.Module], Any], memory_required: int | None = None) -> Any:
+        """`fn(model)` on the compute device; a half-precision result with NaN/Inf is recomputed in fp32."""
+        with self.use(desc, memory_required) as model:
+            out = fn(model)
+        dtype = placement(desc.model)[1]
+        if dtype != torch.float32 and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+            log.warning("%s: %s output had NaN/Inf; recomputing in float32", os.path.basename(desc.source),
+                        str(dtype).replace("torch.", ""))
+            desc32 = self.load(desc.source, dtype=torch.float32) if os.path.isfile(desc.source) else desc
+            if desc32 is desc:
+                desc.model.float()
+            with self.use(desc32, memory_required) as model:
+                out = fn(model)
+        return out
+
+    def activation_budget(self, desc: ModelDescriptor) -> int:
+        """Bytes free for activations on the compute device, after the weights."""
+        dev = self.compute_device
+        free = host.free_bytes(dev)
+        share = 0.5 if dev.type == "cpu" else 0.8
+        budget = int(free * share)
+        if self.budget_bytes is not None:
+            budget = min(budget, max(0, self.budget_bytes - desc.weight_bytes))
+        return max(budget, 64 << 20)
+
+    def unload(self, desc: ModelDescriptor | None = None, *, forget: bool = False) -> None:
+        """Move one model (or all) off the compute device; `forget=True` also drops it from the RAM cache."""
+        with self._lock:
+            for key, e in list(self._entries.items()):
+                if desc is not None and e.desc.model is not desc.model:
+                    continue
+                if e.patcher is not None:
+                    host.unload_patcher(e.patcher)
+                elif e.in_use == 0:
+                    e.desc.model.to(self.offload_device)
+                if forget and e.in_use == 0:
+                    self._entries.pop(key)
+            host.empty_cache()
+
+
+def _check_family(desc: ModelDescriptor, family: str | tuple[str, ...] | None, name: str) -> None:
+    if family is None:
+        return
+    wanted = (family,) if isinstance(family, str) else tuple(family)
+    if desc.family not in wanted:
+        raise WrongFamilyError(
+            f"model {os.path.basename(name)!r} is a {desc.family} model ({desc.architecture}"
+            f"{', ' + desc.purpose if desc.purpose else ''}); this node needs a {' or '.join(wanted)} model"
+        )
+
+
+def inspect_file(path: str) -> ModelDescriptor:
+    """Read and detect a file without caching or placing it (for `atelier models inspect`)."""
+    sd, meta = read_state_dict(path)
+    return registry.detect(sd, meta, source=os.path.abspath(path))
+
+
+_MANAGER: ModelManager | None = None
+
+
+def get_manager() -> ModelManager:
+    """The process-wide manager, created on first use (never at import)."""
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = ModelManager()
+    return _MANAGER
+
+
+def set_manager(manager: ModelManager | None) -> None:
+    """Replace the process-wide manager (tests, the CLI's --models)."""
+    global _MANAGER
+    _MANAGER = manager

@@ -1,0 +1,46 @@
+"""One progress helper for every long loop: ComfyUI's ProgressBar and interruption inside ComfyUI, tqdm outside."""
+from __future__ import annotations
+
+import logging
+
+from . import host
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """`with Progress(total, "tiles") as p: ... p.update()`: advances the bar and stops on a user interrupt.
+
+    Inside ComfyUI, `update` reports websocket progress and raises ComfyUI's InterruptProcessingException when the
+    user pressed Cancel; outside it, a tqdm bar (hidden when stderr is not a terminal) and Ctrl-C as usual.
+    """
+
+    def __init__(self, total: int, desc: str = "", *, enabled: bool = True) -> None:
+        self.total = max(1, int(total))
+        self.value = 0
+        self._comfy = host.progress_bar(self.total) if enabled else None
+        self._tqdm = None
+        if enabled and self._comfy is None and self.total > 1:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm(total=self.total, desc=desc or None, leave=False, disable=None)
+
+    def __enter__(self) -> "Progress":
+        host.throw_if_interrupted()
+        return self
+
+    def update(self, n: int = 1) -> None:
+        self.value = min(self.total, self.value + n)
+        if self._comfy is not None:
+            self._comfy.update_absolute(self.value, self.total)
+        if self._tqdm is not None:
+            self._tqdm.update(n)
+        host.throw_if_interrupted()
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

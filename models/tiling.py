@@ -1,0 +1,202 @@
+"""The one tiling engine: overlapping tiles, several per call, smooth blending, out-of-memory back-off.
+
+Each tile is cut with `context` extra input pixels on every interior side and contributes only pixels at least
+`context` away from its interior edges; neighbours cross-fade with a raised cosine over `blend` pixels. With `context`
+at least the model's receptive field, every contributing pixel is exactly what the untiled call computes, so tiled
+output equals untiled output up to float rounding, while the cross-fade hides what remains for models that see
+further (attention, normalisation over the whole image).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import host
+from .errors import InputError, TilingError
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+TileFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def tiled_apply(
+    fn: TileFn,
+    x: torch.Tensor,  # [B,C,H,W]
+    *,
+    scale: float = 1,
+    out_channels: int | None = None,
+    tile: int | None = None,
+    context: int = 16,
+    blend: int = 16,
+    align: int = 1,
+    bytes_per_pixel: float | None = None,
+    budget_bytes: int | None = None,
+    max_batch: int = 8,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: str | None = "tiles",
+    max_retries: int = 4,
+) -> torch.Tensor:  # [B,C',H*scale,W*scale] float32 on x.device
+    """Apply `fn` ([N,C,h,w] -> [N,C',h*scale,w*scale]) to `x` tile by tile. See the module docstring."""
+    if x.ndim != 4:
+        raise InputError(f"tiled_apply: expected a [B,C,H,W] tensor, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise InputError("tiled_apply: the batch is empty")
+    align = max(1, int(align))
+    if abs(align * scale - round(align * scale)) > 1e-6:
+        raise InputError(f"tiled_apply: align={align} times scale={scale} must be a whole number of output pixels")
+    device = device or x.device
+    dtype = dtype or torch.float32
+    H, W = x.shape[-2:]
+    if tile is None:
+        tile = auto_tile(H, W, bytes_per_pixel, budget_bytes, align, dtype)
+    batch = max(1, max_batch)
+    attempts: list[int] = []
+    for _ in range(max_retries + 1):
+        tile = _fit_tile(tile, context, blend, align)
+        attempts.append(tile)
+        try:
+            return _tiled(fn, x, scale, out_channels, tile, context, blend, align, batch, device, dtype, progress)
+        except Exception as e:  # noqa: BLE001 (only out-of-memory is retried)
+            if not host.is_oom(e):
+                raise
+            log.warning("out of memory with %dpx tiles (batch %d); retrying smaller", tile, batch)
+            host.empty_cache()
+            if batch > 1:
+                batch = 1
+            else:
+                tile //= 2
+    raise TilingError(
+        f"out of memory at every tile size tried ({', '.join(f'{t}px' for t in attempts)}); "
+        f"last tile {attempts[-1]}px with context {context}px. Free memory or lower the tile size by hand."
+    )
+
+
+def auto_tile(H: int, W: int, bytes_per_pixel: float | None, budget_bytes: int | None, align: int = 1,
+              dtype: torch.dtype = torch.float32) -> int:
+    """The largest tile side whose activations fit the budget (the whole image when it fits)."""
+    if bytes_per_pixel is None or budget_bytes is None:
+        return max(H, W) if H * W <= 1024 * 1024 else 512
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    pixels = budget_bytes / max(1e-9, bytes_per_pixel * itemsize / 4)
+    side = int(math.sqrt(max(pixels, 1)))
+    return max(H, W) if side >= max(H, W) else max(align, side // align * align)
+
+
+def _fit_tile(tile: int, context: int, blend: int, align: int) -> int:
+    """A tile must hold its context on both sides plus something to contribute."""
+    smallest = 2 * (2 * context + blend) + align
+    return max(int(tile) // align * align, math.ceil(smallest / align) * align)
+
+
+def _tiled(fn, x, scale, out_channels, tile, context, blend, align, batch, device, dtype, progress):
+    B, _, H, W = x.shape
+    pad_h, pad_w = (-H) % align, (-W) % align
+    if pad_h or pad_w:
+        x = _pad(x, pad_h, pad_w)
+    Hp, Wp = x.shape[-2:]
+    ys, th = _starts(Hp, tile, 2 * context + blend, align)
+    xs, tw = _starts(Wp, tile, 2 * context + blend, align)
+    oh, ow = round(Hp * scale), round(Wp * scale)
+    wy = _axis_weights(ys, th, Hp, context, scale, oh)  # [n_y, oh] per tile along y
+    wx = _axis_weights(xs, tw, Wp, context, scale, ow)
+    jobs = [(b, i, j) for b in range(B) for i in range(len(ys)) for j in range(len(xs))]
+    single = len(ys) == 1 and len(xs) == 1
+    out = None
+    calls = math.ceil(len(jobs) / batch)
+    with Progress(calls, progress or "", enabled=progress is not None and calls > 1) as bar:
+        for k in range(0, len(jobs), batch):
+            group = jobs[k : k + batch]
+            inp = torch.cat([x[b : b + 1, :, ys[i] : ys[i] + th, xs[j] : xs[j] + tw] for b, i, j in group])
+            res = fn(inp.to(device=device, dtype=dtype))
+            expect = (len(group), round(th * scale), round(tw * scale))
+            if (res.shape[0], res.shape[2], res.shape[3]) != expect:
+                raise InputError(f"tiled_apply: tile function returned {tuple(res.shape)}, expected [N,C,H,W] = {expect}")
+            res = res.to(device=x.device, dtype=torch.float32)
+            if single:
+                out = res if out is None else torch.cat([out, res])
+            else:
+                if out is None:
+                    out = torch.zeros(B, out_channels or res.shape[1], oh, ow, dtype=torch.float32, device=x.device)
+                _accumulate(out, res, group, ys, xs, wy, wx, scale)
+            del res, inp
+            bar.update()
+    if not single:
+        out /= (wy.sum(0)[:, None] * wx.sum(0)[None, :]).to(out.device)
+    return out[..., : round(H * scale), : round(W * scale)]
+
+
+def _accumulate(out, res, group, ys, xs, wy, wx, scale):
+    sh, sw = res.shape[-2:]
+    for n, (b, i, j) in enumerate(group):
+        y0, x0 = round(ys[i] * scale), round(xs[j] * scale)
+        w = wy[i, y0 : y0 + sh, None] * wx[j, None, x0 : x0 + sw]  # [sh,sw]
+        out[b, :, y0 : y0 + sh, x0 : x0 + sw].addcmul_(res[n], w.to(res.device))
+
+
+def _pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    mode = "reflect" if pad_h < x.shape[-2] and pad_w < x.shape[-1] else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def _starts(length: int, tile: int, overlap: int, align: int) -> tuple[list[int], int]:
+    """Evenly spread tile starts (multiples of align) covering [0,length) with at least `overlap` between tiles."""
+    if length <= tile:
+        return [0], length
+    n = math.ceil((length - overlap) / (tile - overlap))
+    span = length - tile
+    starts = sorted({min(span, round(i * span / (n - 1) / align) * align) for i in range(n)})
+    if starts[-1] != span:  # span is a multiple of align because length and tile are
+        starts.append(span)
+    return starts, tile
+
+
+def _axis_weights(starts: list[int], size: int, length: int, context: int, scale: float, out_len: int) -> torch.Tensor:
+    """Per-tile weights along one axis in output pixels: zero within `context` of interior edges, cosine cross-fade."""
+    w = torch.zeros(len(starts), out_len, dtype=torch.float64)
+    pos = (torch.arange(out_len, dtype=torch.float64) + 0.5) / scale  # output pixel centres in input coordinates
+    for i, s in enumerate(starts):
+        e = s + size
+        wi = ((pos >= s) & (pos < e)).double()
+        if i > 0:  # fade in over the band inside the overlap with the previous tile
+            wi = wi * _ramp(pos, s + context, starts[i - 1] + size - context)
+        if i < len(starts) - 1:
+            wi = wi * (1 - _ramp(pos, starts[i + 1] + context, e - context))
+        w[i] = wi
+    return w.float()
+
+
+def _ramp(pos: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """0 before a, raised cosine from a to b, 1 after b (a hard step at the middle when the band is empty)."""
+    if b <= a:
+        return (pos >= (a + b) / 2).double()
+    t = ((pos - a) / (b - a)).clamp(0, 1)
+    return 0.5 - 0.5 * torch.cos(math.pi * t)
+
+
+# ---------------------------------------------------------------- channels
+
+
+def split_alpha(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B,4,H,W] -> ([B,3,H,W], [B,1,H,W]); [B,2,H,W] (grey+alpha) -> ([B,1,H,W], [B,1,H,W]); else (x, None)."""
+    if x.shape[1] in (2, 4):
+        return x[:, :-1], x[:, -1:]
+    return x, None
+
+
+def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey <-> RGB conversion so an image fits a model's channel count (luma for RGB -> grey)."""
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if c == 1:
+        return x.expand(-1, channels, -1, -1)
+    if channels == 1 and c == 3:
+        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * w).sum(1, keepdim=True)
+    raise InputError(f"image: expected 1 or 3 channels for a {channels}-channel model, got {c}")

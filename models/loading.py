@@ -99,20 +99,21 @@ def _read_torch(path: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "weights_only" in msg or "global" in msg.lower():
+        if "GLOBAL " in msg or "Unsupported global" in msg:
             culprit = _first_unsafe_global(msg)
             raise UnsafeFileError(
                 f"model file {name!r} refused: its pickle asks to import or call {culprit}, which is not a "
                 "tensor or plain data. Nothing in it was run."
             ) from None
-        raise ModelLoadError(f"model file {name!r}: corrupted or truncated pickle ({msg.splitlines()[0]})") from e
+        detail = next((ln.strip() for ln in msg.splitlines()[1:] if ln.strip() and "WeightsUnpickler" not in ln), "")
+        raise ModelLoadError(f"model file {name!r}: corrupted or truncated, or not a model file ({detail or 'unreadable pickle'})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
         raise ModelLoadError(f"model file {name!r}: could not be read, truncated or corrupted? ({str(e).splitlines()[0]})") from e
 
 
 def _first_unsafe_global(msg: str) -> str:
     """Pull the offending global's name out of torch's weights_only message."""
-    for marker in ("Unsupported global: GLOBAL ", "GLOBAL ", "global "):
+    for marker in ("Unsupported global: GLOBAL ", "GLOBAL "):
         if marker in msg:
             tail = msg.split(marker, 1)[1]
             return tail.split()[0].rstrip(".,:")
@@ -133,7 +134,7 @@ def canonicalise(obj: Any, name: str = "model") -> tuple[dict[str, torch.Tensor]
             if k != inner and isinstance(v, dict) and _has_tensors(v):
                 extra.setdefault("siblings", {})[k] = v  # e.g. rosinality's "g"/"d" beside "g_ema"
         obj = obj[inner]
-    if not isinstance(obj, dict) or not _has_tensors(obj):
+    if not isinstance(obj, dict) or not _has_tensors(obj, 0):
         kind = type(obj).__name__
         raise ModelLoadError(f"model file {name!r}: expected a state dict of tensors, got a {kind}")
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -145,8 +146,10 @@ def canonicalise(obj: Any, name: str = "model") -> tuple[dict[str, torch.Tensor]
     return sd, extra
 
 
-def _has_tensors(d: dict) -> bool:
-    return any(isinstance(v, torch.Tensor) for v in d.values())
+def _has_tensors(d: dict, depth: int = 2) -> bool:
+    """Tensors directly in `d`, or in dicts nested up to `depth` levels inside it."""
+    return any(isinstance(v, torch.Tensor) or (depth > 0 and isinstance(v, dict) and _has_tensors(v, depth - 1))
+               for v in d.values())
 
 
 def key_prefixes(sd: dict, depth: int = 2, limit: int = 12) -> list[str]:

@@ -66,7 +66,7 @@ class ModelManager:
         budget_bytes: int | None = None,
         ram_cache_bytes: int = 8 << 30,
     ) -> None:
-        self.models_root = os.path.abspath(models_root or os.environ.get(ENV_MODELS) or "models")
+        self.models_root = os.path.abspath(models_root or os.environ.get(ENV_MODELS) or "user_models")
         self._device = device
         self._offload = offload_device
         self.budget_bytes = budget_bytes  # device memory our models may occupy (outside ComfyUI); None: free memory

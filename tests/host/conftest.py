@@ -13,6 +13,7 @@ and its log in <tmp>/comfyui.log. The process is killed at the end of the sessio
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -267,8 +268,46 @@ class ComfyServer:
                 out.append((node_id, i, img))
         return out
 
+    def image_arrays(self, entry: dict) -> list[tuple[str, "np.ndarray"]]:
+        """("<node id>:<index>", uint8 [H,W,C] pixels) of every image of a /history entry, fetched through /view."""
+        import numpy as np
+        from PIL import Image
+
+        out = []
+        for node_id, i, rec in self.images(entry):
+            with Image.open(io.BytesIO(self.view(rec))) as im:
+                out.append((f"{node_id}:{i}", np.asarray(im.convert("RGBA" if "A" in im.getbands() else "RGB"))))
+        return out
+
+    def put_input(self, name: str, src: "pathlib.Path | np.ndarray") -> pathlib.Path:
+        """Place an input file (a copy of `src`, or a uint8 [H,W,C] array saved as PNG) in the input directory."""
+        dst = self.input_dir / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(src, pathlib.Path):
+            shutil.copyfile(src, dst)
+        else:
+            from PIL import Image
+
+            Image.fromarray(src).save(dst)
+        return dst
+
     def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
+        """POST /free and wait until the prompt worker has acted on it.
+
+        /free only sets flags; the worker reads them after its next queue wake-up or prompt, so a prompt queued right
+        after could run first. Two tiny prompts in a row are a barrier: the flags are read at the latest after the
+        first one, before the second one starts."""
         self.post_json("/free", {"unload_models": unload_models, "free_memory": free_memory})
+        self.settle()
+
+    def settle(self) -> None:
+        """Run two trivial prompts (LoadImage -> PreviewImage) so that pending /free flags have been handled."""
+        if not (self.input_dir / "settle.png").exists():
+            self.put_input("settle.png", __import__("numpy").zeros((8, 8, 3), "uint8"))
+        barrier = {"1": {"class_type": "LoadImage", "inputs": {"image": "settle.png"}},
+                   "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+        for _ in range(2):
+            self.run(barrier, timeout=60)
 
 
 @pytest.fixture(scope="session")
@@ -289,3 +328,16 @@ def comfy(request, tmp_path_factory) -> ComfyServer:
         raise
     yield server
     server.stop()
+
+
+@pytest.fixture
+def pack_manager(comfy):
+    """This process's atelier manager over the server's models root, on the CPU like the --cpu server."""
+    import torch
+
+    from atelier.models import manager as m
+
+    fresh = m.ModelManager(str(comfy.models_root), device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    m.set_manager(fresh)
+    yield fresh
+    m.set_manager(None)

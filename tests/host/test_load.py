@@ -62,7 +62,7 @@ def test_import_time_under_half_a_second(comfy):
     assert seconds < IMPORT_TIME_LIMIT_S, f"{path} took {seconds:.1f} s to import (limit {IMPORT_TIME_LIMIT_S} s)"
 
 
-def test_every_node_listed_by_object_info(comfy):
+def test_every_node_listed_by_object_info(comfy, pack_manager):
     classes, display = _pack_mappings()
     if not classes:
         pytest.skip("atelier.nodes.NODE_CLASS_MAPPINGS is empty: no nodes written yet")
@@ -98,3 +98,28 @@ def test_loads_from_hyphenated_folder(comfy):
     info = comfy.get_json("/object_info")
     modules = {info[n].get("python_module") for n in classes if n in info}
     assert modules == {f"custom_nodes.{name}"}, f"our nodes came from {modules}, expected custom_nodes.{name}"
+
+
+_RENDERED_FIELDS = ("input", "input_order", "output", "output_is_list", "output_name", "name", "display_name",
+                    "description", "category", "output_node", "output_tooltips", "deprecated", "experimental")
+
+
+def test_cli_interfaces_render_nodes_as_comfyui_does(comfy, pack_manager):
+    """atelier.cli.interfaces renders /object_info without a server (for workflow checks and UI conversion):
+    the real server is the reference, field by field, for every pack node and the built-in core subset."""
+    interfaces = pytest.importorskip("atelier.cli.interfaces")
+    classes, display = _pack_mappings()
+    info = comfy.get_json("/object_info")
+    diffs = {}
+    for name, cls in classes.items():
+        mine = interfaces.node_info(name, cls, display.get(name))
+        real = info.get(name, {})
+        bad = {f: {"cli": mine.get(f), "comfyui": real.get(f)} for f in _RENDERED_FIELDS if mine.get(f) != real.get(f)}
+        if bad:
+            diffs[name] = bad
+    for name, mine in interfaces.BUILTIN_CORE.items():
+        real = info.get(name, {})
+        for f in ("input_order", "output", "output_is_list", "output_name", "output_node", "category"):
+            if mine.get(f) != real.get(f):
+                diffs.setdefault(name, {})[f] = {"cli": mine.get(f), "comfyui": real.get(f)}
+    assert not diffs, f"cli.interfaces renders these differently from the real /object_info: {diffs}"

@@ -1,0 +1,157 @@
+"""The shared manager: name resolution and refusal of escapes, caching, reload on change, families, dtype fallback."""
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from atelier.models import manager as mgr
+from atelier.models import registry
+from atelier.models.descriptor import ModelDescriptor
+from atelier.models.errors import ModelLoadError, ModelPathError, UnknownModelError, WrongFamilyError
+
+
+@pytest.fixture
+def fake_detector(monkeypatch):
+    """A detector for state dicts with a `toy.weight` key, counting how often files are detected."""
+    mod = types.ModuleType("atelier_test_toy_detector")
+    mod.calls = 0
+
+    def detect(sd, meta):
+        return "toy.weight" in sd
+
+    def load(sd, meta):
+        mod.calls += 1
+        model = torch.nn.Sequential()
+        model.add_module("toy", torch.nn.Linear(sd["toy.weight"].shape[1], sd["toy.weight"].shape[0]))
+        model.load_state_dict(sd)
+        fam = meta.get("family", "upscale")
+        return ModelDescriptor(family=fam, architecture="Toy", model=model, supports_half=True)
+
+    mod.detect, mod.load = detect, load
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setattr(registry, "DETECTORS", [("Toy", mod.__name__)] + registry.DETECTORS)
+    return mod
+
+
+def _toy(path, out=2, family="upscale"):
+    save_file({"toy.weight": torch.randn(out, 3), "toy.bias": torch.randn(out)}, path, metadata={"family": family})
+
+
+def test_resolve_and_list(manager, models_root):
+    (models_root / "upscale_models" / "sub").mkdir()
+    _toy(models_root / "upscale_models" / "a.safetensors")
+    _toy(models_root / "upscale_models" / "sub" / "b.safetensors")
+    (models_root / "upscale_models" / "notes.txt").write_text("not a model")
+    assert manager.list_models("upscale_models") == ["a.safetensors", os.path.join("sub", "b.safetensors")]
+    assert manager.resolve("upscale_models", "sub/b.safetensors").endswith("b.safetensors")
+    with pytest.raises(ModelPathError, match="available: a.safetensors"):
+        manager.resolve("upscale_models", "missing.pth")
+
+
+@pytest.mark.parametrize("name", ["../secret.pth", "sub/../../secret.pth", "/etc/passwd", "..", "", "a\x00b"])
+def test_resolve_refuses_escapes(manager, models_root, name):
+    (models_root / "secret.pth").write_bytes(b"x")
+    with pytest.raises(ModelPathError):
+        manager.resolve("upscale_models", name)
+
+
+def test_link_pointing_outside_is_refused(manager, models_root, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    _toy(outside)
+    os.symlink(outside, models_root / "upscale_models" / "link.safetensors")
+    with pytest.raises(ModelPathError, match="outside"):
+        manager.resolve("upscale_models", "link.safetensors")
+    # a linked folder is the folder: files inside it are fine
+    (tmp_path / "shared_models").mkdir()
+    _toy(tmp_path / "shared_models" / "in.safetensors")
+    os.rmdir(models_root / "gans")
+    os.symlink(tmp_path / "shared_models", models_root / "gans")
+    assert manager.resolve("gans", "in.safetensors").endswith("in.safetensors")
+
+
+def test_cache_hit_and_reload_on_change(manager, models_root, fake_detector):
+    p = models_root / "upscale_models" / "t.safetensors"
+    _toy(p)
+    d1 = manager.load("t.safetensors", "upscale_models")
+    d2 = manager.load("t.safetensors", "upscale_models")
+    assert d1 is d2 and fake_detector.calls == 1
+    _toy(p, out=5)
+    os.utime(p, ns=(os.stat(p).st_atime_ns, os.stat(p).st_mtime_ns + 10**9))
+    d3 = manager.load("t.safetensors", "upscale_models")
+    assert d3 is not d1 and fake_detector.calls == 2 and d3.model.toy.out_features == 5
+    assert len(manager.cached()) == 1  # the stale entry was dropped
+
+
+def test_broken_file_does_not_poison_cache(manager, models_root, fake_detector):
+    p = models_root / "upscale_models" / "t.safetensors"
+    p.write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError):
+        manager.load("t.safetensors", "upscale_models")
+    assert manager.cached() == []
+    _toy(p)
+    assert manager.load("t.safetensors", "upscale_models").architecture == "Toy"
+
+
+def test_wrong_family_names_file_and_kind(manager, models_root, fake_detector):
+    _toy(models_root / "vae" / "v.safetensors", family="vae")
+    with pytest.raises(WrongFamilyError, match=r"'v.safetensors' is a vae model \(Toy\); this node needs a upscale"):
+        manager.load("v.safetensors", "vae", family="upscale")
+
+
+def test_unknown_model_lists_detectors_and_prefixes(manager, models_root):
+    save_file({"mystery.block.weight": torch.zeros(1)}, models_root / "gans" / "m.safetensors")
+    with pytest.raises(UnknownModelError, match=r"Tried: .*Key prefixes seen: mystery.block"):
+        manager.load("m.safetensors", "gans")
+
+
+def test_dtype_policy_cpu(manager, fake_detector, models_root):
+    _toy(models_root / "upscale_models" / "t.safetensors")
+    d = manager.load("t.safetensors", "upscale_models")
+    assert manager.dtype_for(d) == torch.float32 and mgr.placement(d.model)[1] == torch.float32
+
+
+def test_half_precision_nan_falls_back_to_fp32(manager, fake_detector, models_root, caplog):
+    _toy(models_root / "upscale_models" / "t.safetensors")
+    d = manager.load("t.safetensors", "upscale_models", dtype=torch.bfloat16)
+    assert mgr.placement(d.model)[1] == torch.bfloat16
+
+    def fn(model):  # stands in for a model that overflows in half precision
+        dt = mgr.placement(model)[1]
+        return torch.full((2,), float("nan") if dt != torch.float32 else 1.0)
+
+    out = manager.run(d, fn)
+    assert torch.equal(out, torch.ones(2))
+    assert "recomputing in float32" in caplog.text
+
+
+def test_use_is_consistent_after_interrupt(manager, fake_detector, models_root):
+    _toy(models_root / "upscale_models" / "t.safetensors")
+    d = manager.load("t.safetensors", "upscale_models")
+    with pytest.raises(KeyboardInterrupt):
+        with manager.use(d):
+            raise KeyboardInterrupt
+    entry = manager._entry(d)
+    assert entry.in_use == 0
+    with manager.use(d) as m:
+        assert m(torch.ones(1, 3)).shape == (1, 2)
+
+
+def test_ram_cache_evicts_least_recently_used(models_root, fake_detector):
+    m = mgr.ModelManager(str(models_root), device=torch.device("cpu"), ram_cache_bytes=1)
+    for n in ("a", "b"):
+        _toy(models_root / "gans" / f"{n}.safetensors")
+    m.load("a.safetensors", "gans")
+    m.load("b.safetensors", "gans")
+    assert [os.path.basename(d.source) for d in m.cached()] == ["b.safetensors"]
+    m.unload(forget=True)
+    assert m.cached() == []
+
+
+def test_process_wide_manager_is_lazy(monkeypatch):
+    monkeypatch.setattr(mgr, "_MANAGER", None)
+    assert mgr.get_manager() is mgr.get_manager()

@@ -1,0 +1,115 @@
+"""The tiling engine: tiled equals untiled when context covers the receptive field; OOM back-off; channels."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from atelier.models import tiling
+from atelier.models.errors import InputError, TilingError
+
+
+def _net(cin: int, cout: int, depth: int, up: int = 1) -> nn.Module:
+    """A conv net with receptive-field radius `depth` (3x3 convs) and pixel-shuffle upscaling by `up`."""
+    layers: list[nn.Module] = [nn.Conv2d(cin, 8, 3, padding=1), nn.LeakyReLU(0.2)]
+    for _ in range(depth - 2):
+        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.LeakyReLU(0.2)]
+    layers += [nn.Conv2d(8, cout * up * up, 3, padding=1), nn.PixelShuffle(up)]
+    return nn.Sequential(*layers).eval()
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("up", [1, 2, 3])
+def test_tiled_equals_untiled(channels, up):
+    depth = 6
+    net = _net(channels, channels, depth, up)
+    x = torch.rand(2, channels, 97, 131)  # odd sizes
+    with torch.no_grad():
+        ref = net(x)
+        out = tiling.tiled_apply(net, x, scale=up, tile=48, context=depth, blend=8, max_batch=3, progress=None)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 1 / 255 / 100  # far inside the 1/255 goal: float rounding only
+
+
+def test_context_below_receptive_field_is_not_exact():
+    """The property above is real: with too little context the tiles differ (so the test can fail)."""
+    net = _net(3, 3, 12)
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        out = tiling.tiled_apply(net, x, tile=40, context=1, blend=0, progress=None)
+        assert (out - net(x)).abs().max().item() > 1e-4
+
+
+def test_downscaling_encoder_with_alignment():
+    enc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 8, stride=8)).eval()
+    x = torch.rand(1, 3, 8 * 23, 8 * 17)
+    with torch.no_grad():
+        ref = enc(x)
+        out = tiling.tiled_apply(enc, x, scale=1 / 8, tile=64, context=8, blend=8, align=8, progress=None)
+    assert out.shape == ref.shape and (out - ref).abs().max().item() < 1e-5
+
+
+def test_non_aligned_size_is_padded_and_cropped_back():
+    net = _net(3, 3, 3, 2)
+    x = torch.rand(1, 3, 45, 51)
+    with torch.no_grad():
+        out = tiling.tiled_apply(net, x, scale=2, tile=32, context=4, blend=4, align=4, progress=None)
+    assert out.shape == (1, 3, 90, 102)
+
+
+def test_oom_halves_tile_then_succeeds():
+    net = _net(3, 3, 4)
+    seen: list[int] = []
+
+    def fn(t):
+        seen.append(t.shape[-1])
+        if t.shape[-1] > 40:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return net(t)
+
+    x = torch.rand(1, 3, 100, 100)
+    with torch.no_grad():
+        out = tiling.tiled_apply(fn, x, tile=100, context=4, blend=4, progress=None)
+        ref = net(x)
+    assert (out - ref).abs().max() < 1e-5
+    assert seen[0] == 100 and max(s for s in seen[-4:]) <= 40
+
+
+def test_oom_everywhere_raises_with_attempts():
+    def fn(t):
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(TilingError, match=r"every tile size tried \(256px, 256px, 128px"):
+        tiling.tiled_apply(fn, torch.rand(1, 3, 256, 256), tile=256, context=4, blend=4, progress=None, max_batch=2)
+
+
+def test_other_errors_are_not_swallowed():
+    def fn(t):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        tiling.tiled_apply(fn, torch.rand(1, 3, 64, 64), tile=32, context=2, blend=2, progress=None)
+
+
+def test_bad_input():
+    with pytest.raises(InputError, match="empty"):
+        tiling.tiled_apply(lambda t: t, torch.rand(0, 3, 8, 8), progress=None)
+    with pytest.raises(InputError, match=r"\[B,C,H,W\]"):
+        tiling.tiled_apply(lambda t: t, torch.rand(3, 8, 8), progress=None)
+
+
+def test_auto_tile_from_budget():
+    assert tiling.auto_tile(300, 200, None, None) == 300  # fits: whole image
+    side = tiling.auto_tile(4096, 4096, bytes_per_pixel=1024, budget_bytes=256 << 20)
+    assert side == 512  # 256 MiB / 1 KiB per pixel = 512^2 pixels
+
+
+def test_channel_helpers():
+    rgba = torch.rand(1, 4, 5, 5)
+    rgb, a = tiling.split_alpha(rgba)
+    assert rgb.shape[1] == 3 and a.shape[1] == 1
+    grey = tiling.match_channels(rgb, 1)
+    assert grey.shape[1] == 1
+    assert tiling.match_channels(grey, 3).shape[1] == 3
+    with pytest.raises(InputError):
+        tiling.match_channels(torch.rand(1, 2, 4, 4), 3)

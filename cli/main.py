@@ -192,6 +192,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_local(args: argparse.Namespace, ifaces: Any, jobs: list[tuple[str, dict, dict | None]], input_dir: str) -> int:
     from .runner import NodeError, Runner
 
+    if args.progress:
+        os.environ["ATELIER_PROGRESS"] = "1"  # inner bars (tiles, steps) too
     bar: list[Any] = [None]
 
     def on_event(kind: str, **info: Any) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from . import host
 
@@ -12,7 +13,8 @@ class Progress:
     """`with Progress(total, "tiles") as p: ... p.update()`: advances the bar and stops on a user interrupt.
 
     Inside ComfyUI, `update` reports websocket progress and raises ComfyUI's InterruptProcessingException when the
-    user pressed Cancel; outside it, a tqdm bar (hidden when stderr is not a terminal) and Ctrl-C as usual.
+    user pressed Cancel; outside it, a tqdm bar (hidden when stderr is not a terminal unless ATELIER_PROGRESS=1) and
+    Ctrl-C as usual.
     """
 
     def __init__(self, total: int, desc: str = "", *, enabled: bool = True) -> None:
@@ -23,7 +25,8 @@ class Progress:
         if enabled and self._comfy is None and self.total > 1:
             from tqdm.auto import tqdm
 
-            self._tqdm = tqdm(total=self.total, desc=desc or None, leave=False, disable=None)
+            force = os.environ.get("ATELIER_PROGRESS") == "1"  # the CLI's --progress: bars even without a terminal
+            self._tqdm = tqdm(total=self.total, desc=desc or None, leave=False, disable=False if force else None)
 
     def __enter__(self) -> "Progress":
         host.throw_if_interrupted()

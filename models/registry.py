@@ -50,6 +50,7 @@ def detect(state_dict: dict, meta: dict, source: str = "") -> ModelDescriptor:
         if mod is None:
             continue
         tried.append(name)
+        meta = {**meta, "source": source}  # some variants are told apart by file name only (taesdxl vs taesd)
         if not mod.detect(state_dict, meta):
             continue
         try:

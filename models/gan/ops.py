@@ -179,6 +179,8 @@ def upfirdn2d(
     factors = None
     if f.ndim == 1:
         factors = (f, f)
+    elif up == 1 and f.numel() <= 16:  # small 2-D filter, no upsampling: one depthwise pass beats two
+        factors = None
     elif separable is None or separable:
         factors = separable_factors(f)
         if factors is None and separable:
@@ -211,22 +213,31 @@ def bias_act(
     gain: float | None = None,
     clamp: float | None = None,
     dim: int = 1,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """x + b (along `dim`), activation, times gain, clamped to +-clamp: NVIDIA's bias_act, in that order."""
+    """x + b (along `dim`), activation, times gain, clamped to +-clamp: NVIDIA's bias_act, in that order.
+
+    inplace=True overwrites x (for fresh intermediates: saves the allocations, which dominate on large maps).
+    """
     func, def_alpha, def_gain = _ACTIVATIONS[act]
     alpha = def_alpha if alpha is None else float(alpha)
     gain = def_gain if gain is None else float(gain)
     if b is not None:
         shape = [-1 if i == dim % x.ndim else 1 for i in range(x.ndim)]
-        x = x + b.to(x.dtype).reshape(shape)
+        b = b.to(x.dtype).reshape(shape)
+        x = x.add_(b) if inplace else x + b
+        inplace = True
     if act == "lrelu":
-        x = F.leaky_relu(x, alpha) if b is None else F.leaky_relu_(x, alpha)
+        x = F.leaky_relu_(x, alpha) if inplace else F.leaky_relu(x, alpha)
+        inplace = True
     elif act != "linear":
         x = func(x, alpha)
+        inplace = True
     if gain != 1:
-        x = x * gain
+        x = x.mul_(gain) if inplace else x * gain
+        inplace = True
     if clamp is not None and clamp >= 0:
-        x = x.clamp(-clamp, clamp)
+        x = x.clamp_(-clamp, clamp) if inplace else x.clamp(-clamp, clamp)
     return x
 
 
@@ -391,16 +402,17 @@ def filtered_lrelu(
     """Bias, FIR upsample (gain up**2), leaky ReLU times gain, clamp, FIR downsample: NVIDIA's filtered_lrelu."""
     if b is not None:
         x = x + b.to(x.dtype)[None, :, None, None]
-    x = upfirdn2d(x, fu, up=up, padding=padding, gain=up * up, separable=fu is None or fu.ndim == 1)
+    # leaky ReLU is positively homogeneous, so the gain rides along with the upsampling filter's.
+    y = upfirdn2d(x, fu, up=up, padding=padding, gain=up * up * gain, separable=fu is None or fu.ndim == 1)
+    if y is x:
+        y = y.clone()
     if slope != 1:
-        x = F.leaky_relu(x, slope)
-    if gain != 1:
-        x = x * gain
+        y = F.leaky_relu_(y, slope)
     if clamp is not None:
-        x = x.clamp(-clamp, clamp)
+        y = y.clamp_(-clamp, clamp)
     if fd is None and down == 1:
-        return x
-    return upfirdn2d(x, fd, down=down, separable=fd is None or fd.ndim == 1)
+        return y
+    return upfirdn2d(y, fd, down=down, separable=fd is None or fd.ndim == 1)
 
 
 def _kaiser_beta(numtaps: int, width: float) -> float:

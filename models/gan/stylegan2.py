@@ -93,7 +93,7 @@ class SynthesisLayer(nn.Module):
         x = ops.modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
                                  resample_filter=self.resample_filter, separable=self.separable)
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return ops.bias_act(x, self.bias, act=self.activation, gain=self.act_gain * gain, clamp=clamp)
+        return ops.bias_act(x, self.bias, act=self.activation, gain=self.act_gain * gain, clamp=clamp, inplace=True)
 
     def extra_repr(self) -> str:
         return f"in={self.in_channels}, out={self.out_channels}, resolution={self.resolution}, up={self.up}"
@@ -115,7 +115,7 @@ class ToRGBLayer(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # [B,I,H,W], [B,w_dim] -> [B,C,H,W]
         styles = self.affine(w) * self.weight_gain
         x = ops.modulated_conv2d(x, self.weight, styles, demodulate=False, padding=self.padding)
-        return ops.bias_act(x, self.bias, clamp=self.conv_clamp)
+        return ops.bias_act(x, self.bias, clamp=self.conv_clamp, inplace=True)
 
 
 class Conv2dLayer(nn.Module):

@@ -83,8 +83,9 @@ def detect(state_dict: dict, meta: dict) -> bool:
 def load(state_dict: dict, meta: dict) -> ModelDescriptor:
     pixels, hidden = state_dict["fc1.weight"].shape[1], state_dict["fc1.weight"].shape[0]
     latent = state_dict["fc21.weight"].shape[0]
-    model = FCVAE(pixels, hidden, latent)
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    with torch.device("meta"):  # no random init: the weights come from the file
+        model = FCVAE(pixels, hidden, latent)
+    model.load_state_dict({k: v.float().contiguous() for k, v in state_dict.items()}, strict=True, assign=True)
     model.eval().requires_grad_(False)
     s = model.image_size
     return ModelDescriptor(

@@ -315,11 +315,12 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
     channels = int(enc_c or dec_c)
     kind = (enc_kind or dec_kind).partition("_")[2]  # "", "pool" or "f32"
     f32, pool = kind == "f32", kind == "pool"
-    encoder = (F32Encoder(channels) if f32 else Encoder(channels, pool)) if enc_kind else None
-    decoder = (F32Decoder(channels) if f32 else Decoder(channels, pool)) if dec_kind else None
+    with torch.device("meta"):  # no random init: the weights come from the file
+        encoder = (F32Encoder(channels) if f32 else Encoder(channels, pool)) if enc_kind else None
+        decoder = (F32Decoder(channels) if f32 else Decoder(channels, pool)) if dec_kind else None
     for net, sd in ((encoder, enc_sd), (decoder, dec_sd)):
         if net is not None:
-            net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+            net.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, strict=True, assign=True)
     variant, guessed = _variant(meta, channels, pool, f32, extras)
     if guessed:
         log.info("TAESD variant not named by the file; assuming %s from its shapes", variant)

@@ -1,0 +1,309 @@
+"""GAN inversion: find the latent whose image matches a target, by optimisation (no downloaded network).
+
+    res = project(manager, desc, target, space="w", steps=300)      # target [B,C,H,W] in 0..1
+    res.latent, res.image, res.psnr, res.note
+
+Adam on w (one w for every layer, NVIDIA's projector), w+ (one per layer), or z (the only space of DCGAN/MLP
+generators), after Karras et al. 2020 ("Analyzing and Improving the Image Quality of StyleGAN", appendix D): the
+start is the best of the mean w and a few random latents, the learning rate ramps up then down (cosine), and w gets a
+decaying exploration noise during the first three quarters. The loss replaces their VGG/LPIPS distance by terms that
+need nothing downloaded: mean squared error, L1, and a multi-scale structural term (1 - SSIM, Wang et al. 2004,
+averaged over three scales as in MS-SSIM, Wang et al. 2003). Inside ComfyUI nodes run under `torch.inference_mode`;
+the optimisation leaves it and uses normal clones of the weights where they are inference tensors.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..descriptor import ModelDescriptor
+from ..errors import InputError
+from ..manager import ModelManager, placement
+from ..progress import Progress
+from ..tiling import match_channels, split_alpha
+from .sampling import GANLatent, check_generator, class_labels, model_identity, model_name, resolve_space
+
+log = logging.getLogger(__name__)
+
+PROJECT_SPACES = ("auto", "w", "w+", "z")
+
+
+@dataclass
+class Projection:
+    latent: GANLatent  # the found latent ("w": [B,num_ws,w_dim], "z": [B,z_dim])
+    image: torch.Tensor  # [B,C,res,res] in 0..1: what the latent generates (noise_mode const)
+    target: torch.Tensor  # [B,C,res,res] in 0..1: the target as compared (after any resizing)
+    psnr: torch.Tensor  # [B] dB between image and target
+    losses: list[float] = field(default_factory=list)  # total loss per step
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# target and loss
+
+
+def prepare_target(image: torch.Tensor, resolution: int, channels: int, name: str = "image") -> tuple[torch.Tensor, str]:
+    """image [B,C,H,W] in 0..1 -> [B,channels,res,res]: alpha dropped, centre-cropped to square, resized; with a note."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[0] == 0:
+        got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise InputError(f"{name}: expected an image batch [B,C,H,W], got {got}")
+    notes = []
+    x, alpha = split_alpha(image.float())
+    if alpha is not None:
+        notes.append("alpha ignored")
+    x = match_channels(x, channels)
+    H, W = x.shape[-2:]
+    if H != W:
+        s = min(H, W)
+        top, left = (H - s) // 2, (W - s) // 2
+        x = x[..., top : top + s, left : left + s]
+        notes.append(f"{name} {W}x{H} centre-cropped to {s}x{s} (the model makes square images)")
+    if x.shape[-1] != resolution:
+        side = x.shape[-1]
+        mode = "area" if side > resolution else "bicubic"
+        kw = {} if mode == "area" else {"align_corners": False}
+        x = F.interpolate(x, size=(resolution, resolution), mode=mode, **kw).clamp(0, 1)
+        notes.append(f"{name} resized from {side}x{side} to {resolution}x{resolution}, the model's size (the result "
+                     "is at that size; upscale it afterwards if needed)")
+    return x.contiguous(), "; ".join(notes)
+
+
+def _gauss(size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:  # [B]
+    """Mean SSIM of x, y [B,C,H,W] in 0..1 (Gaussian window, valid region; the window shrinks for small images)."""
+    size = min(window, x.shape[-1], x.shape[-2])
+    size -= 1 - size % 2  # odd
+    k1 = _gauss(size, sigma * size / window, x.device, x.dtype)
+    c = x.shape[1]
+    kh, kw = k1.view(1, 1, -1, 1).repeat(c, 1, 1, 1), k1.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
+
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+def structure_loss(x: torch.Tensor, y: torch.Tensor, scales: int = 3) -> torch.Tensor:  # [B]
+    """1 - SSIM averaged over `scales` halvings (as many as the image allows, down to 8 pixels)."""
+    total, n = x.new_zeros(x.shape[0]), 0
+    for s in range(scales):
+        if s and min(x.shape[-2:]) < 16:
+            break
+        if s:
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+        total = total + (1 - ssim(x, y))
+        n += 1
+    return total / n
+
+
+def projection_loss(x: torch.Tensor, y: torch.Tensor, l1_weight: float = 0.1, ssim_weight: float = 0.05
+                    ) -> torch.Tensor:  # [B]
+    """Per-image loss: MSE + l1_weight * L1 + ssim_weight * multi-scale (1 - SSIM); x, y in 0..1."""
+    d = x - y
+    loss = d.square().flatten(1).mean(1)
+    if l1_weight:
+        loss = loss + l1_weight * d.abs().flatten(1).mean(1)
+    if ssim_weight:
+        loss = loss + ssim_weight * structure_loss(x, y)
+    return loss
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # [B] dB for images in 0..1
+    mse = (x.float() - y.float()).square().flatten(1).mean(1).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the generator as a differentiable function
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Normal clones of the module's inference-mode tensors (ComfyUI loads under inference_mode); None if none."""
+    named = dict(module.named_parameters())
+    named.update(module.named_buffers())
+    if not any(t.is_inference() for t in named.values()):
+        return None
+    return {k: t.clone() if t.is_inference() else t for k, t in named.items()}
+
+
+def _call(module: torch.nn.Module, weights: dict[str, torch.Tensor] | None, prefix: str, *args, **kwargs):
+    sub = module.get_submodule(prefix) if prefix else module
+    if weights is None:
+        return sub(*args, **kwargs)
+    cut = len(prefix) + 1 if prefix else 0
+    own = {k[cut:]: v for k, v in weights.items() if not prefix or k.startswith(prefix + ".")}
+    return functional_call(sub, own, args, kwargs)
+
+
+def _renderer(model: torch.nn.Module, space: str, noise_mode: str
+              ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """(latent parameter, labels) -> image in [0,1] units (not clamped, so gradients flow)."""
+    weights = _weights(model)
+    lo, hi = model.output_range
+
+    def render(p: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if space in ("w", "w+"):
+            ws = p.expand(-1, model.num_ws, -1) if space == "w" else p  # [B,num_ws,w_dim]
+            img = _call(model, weights, "synthesis", ws, noise_mode=noise_mode)
+        else:
+            img = _call(model, weights, "", p, labels, noise_mode=noise_mode)
+        return (img.float() - lo) / (hi - lo)
+
+    return render
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# projection
+
+
+def _check_space(desc: ModelDescriptor, space: str) -> str:
+    if space not in PROJECT_SPACES:
+        raise InputError(f"space: expected one of {PROJECT_SPACES}, got {space!r}")
+    if space == "w+":
+        resolve_space(desc, "w")
+        return "w+"
+    return resolve_space(desc, space)
+
+
+def _candidates(model: torch.nn.Module, space: str, n: int, seed: int, labels: torch.Tensor | None,
+                c_dim: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Starting points: (latents [n, ...] on dev, their labels [n,c_dim] or None); w spaces include the mean w."""
+    gen = torch.Generator().manual_seed((int(seed) * 2654435761 + 97) % 2**64)  # not GAN Latent's seed streams
+    z = torch.randn(n, model.z_dim, generator=gen).to(dev)  # [n,z_dim]
+    if labels is None and c_dim:
+        lab = class_labels(c_dim, -1, seed, n).to(dev)  # a class per candidate: the search finds the target's
+    else:
+        lab = None if labels is None else labels[:1].expand(n, -1).to(dev)
+    if space == "z":
+        return z, lab
+    with torch.no_grad():
+        w = model.mapping(z, lab)[:, :1]  # [n,1,w_dim]
+    w = torch.cat([model.w_avg.float().view(1, 1, -1), w[:-1]])
+    return (w if space == "w" else w.expand(-1, model.num_ws, -1)).contiguous(), lab
+
+
+def _best_start(render, model, space, target, starts, seed, labels, c_dim, dev):
+    """Per target: the candidate with the lowest loss. Returns (start [B,...], labels [B,c_dim] | None)."""
+    B = target.shape[0]
+    if labels is not None and B > 1 and (labels != labels[:1]).any():
+        per_item = [_best_start(render, model, space, target[i : i + 1], starts, seed, labels[i : i + 1], c_dim, dev)
+                    for i in range(B)]
+        return torch.cat([p[0] for p in per_item]), torch.cat([p[1] for p in per_item])
+    cand, lab = _candidates(model, space, starts, seed, labels, c_dim, dev)
+    scores = []
+    with torch.no_grad():
+        for i in range(0, starts, 16):
+            img = render(cand[i : i + 16], lab[i : i + 16] if lab is not None else None)  # [n,C,H,W]
+            scores.append(torch.stack([projection_loss(img, t.expand_as(img)) for t in target]))  # [B,n]
+    best = torch.cat(scores, 1).argmin(1)  # [B]
+    return cand[best].clone(), None if lab is None else lab[best].clone()
+
+
+def _lr_at(t: float, lr: float) -> float:
+    """NVIDIA's schedule: ramp up over the first 5 %, cosine down over the last 25 %."""
+    ramp = min(1.0, (1.0 - t) / 0.25)
+    ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
+    return lr * ramp * min(1.0, t / 0.05)
+
+
+def _w_std(model: torch.nn.Module, dev: torch.device, samples: int = 2000) -> float:
+    """Spread of w around its mean, for the exploration noise's scale."""
+    g = torch.Generator().manual_seed(123)
+    z = torch.randn(samples, model.z_dim, generator=g).to(dev)
+    c = None
+    if model.c_dim:
+        c = F.one_hot(torch.arange(samples) % model.c_dim, model.c_dim).float().to(dev)
+    with torch.no_grad():
+        w = model.mapping(z, c)[:, 0]
+    return float(((w - model.w_avg.float()).square().sum() / samples).sqrt())
+
+
+def project(
+    manager: ModelManager,
+    desc: ModelDescriptor,
+    image: torch.Tensor,  # [B,C,H,W] in 0..1
+    *,
+    space: str = "auto",  # "auto" (w where the model has one, else z), "w", "w+", "z"
+    steps: int = 300,
+    lr: float = 0.1,
+    class_label: int = -1,  # conditional models in z: the target's class, -1 = found by the start search
+    seed: int = 0,  # random starting candidates
+    starts: int = 64,  # candidates tried before optimising (the mean w is one of them)
+    l1_weight: float = 0.1,
+    ssim_weight: float = 0.05,
+    noise_mode: str = "const",
+    callback: Callable[[int, torch.Tensor], None] | None = None,  # (step, loss per image [B])
+) -> Projection:
+    """Invert `image` into the generator's latent space. See the module docstring."""
+    g = check_generator(desc)
+    space = _check_space(desc, space)
+    if steps < 1:
+        raise InputError(f"steps: expected at least 1, got {steps}")
+    if not lr > 0:
+        raise InputError(f"learning_rate: expected a positive number, got {lr}")
+    target, note = prepare_target(image, g.img_resolution, g.img_channels)
+    B = target.shape[0]
+    what = f"{model_name(desc)} ({desc.architecture})"
+    # -1 on a conditional model: the start search tries random classes and keeps the best one per target
+    labels = None if g.c_dim and class_label == -1 else class_labels(g.c_dim, class_label, seed, B, what)
+    if note:
+        log.info("GAN projection: %s", note)
+    losses: list[float] = []
+    with manager.use(desc) as model, torch.inference_mode(False), torch.enable_grad():
+        dev = placement(model)[0]
+        tgt = target.clone().to(dev)  # a normal tensor (not an inference one)
+        lab = labels.clone().to(dev) if labels is not None else None
+
+        render = _renderer(model, space, noise_mode)
+        start, lab = _best_start(render, model, space, tgt, starts, seed, lab, g.c_dim, dev)
+        param = start.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([param], lr=lr, betas=(0.9, 0.999))
+        noise_scale = 0.05 * _w_std(model, dev) if space in ("w", "w+") else 0.0
+        best, best_loss = param.detach().clone(), torch.full((B,), float("inf"), device=dev)
+        with Progress(steps, "GAN projection") as bar:
+            for step in range(steps):
+                t = step / steps
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(t, lr)
+                strength = noise_scale * max(0.0, 1.0 - t / 0.75) ** 2
+                p = param + torch.randn_like(param) * strength if strength else param
+                loss = projection_loss(render(p, lab), tgt, l1_weight, ssim_weight)  # [B]
+                if not strength:  # track the best noise-free point per image
+                    better = loss.detach() < best_loss
+                    best[better] = param.detach()[better]
+                    best_loss = torch.where(better, loss.detach(), best_loss)
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                opt.step()
+                losses.append(float(loss.detach().sum()))
+                if callback is not None:
+                    callback(step, loss.detach())
+                bar.update()
+        with torch.no_grad():
+            final_loss = projection_loss(render(param, lab), tgt, l1_weight, ssim_weight)
+            better = final_loss < best_loss
+            best[better] = param.detach()[better]
+            if space in ("w", "w+"):
+                best = best.expand(-1, g.num_ws, -1)
+            img = render(best, lab).clamp(0, 1)  # render() is already in 0..1 units
+    latent = GANLatent(best.float().cpu().contiguous(), "z" if space == "z" else "w", model_identity(desc),
+                       model_name(desc), None if lab is None else lab.float().cpu())
+    img, tgt_cpu = img.float().cpu(), target.float().cpu()
+    score = psnr(img, tgt_cpu)
+    note = "; ".join(filter(None, [note, "PSNR " + ", ".join(f"{v:.1f}" for v in score.tolist()) + " dB"]))
+    return Projection(latent, img, tgt_cpu, score, losses, note)

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
@@ -86,13 +87,11 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
     size -= 1 - size % 2  # odd
     k1 = _gauss(size, sigma * size / window, x.device, x.dtype)
     c = x.shape[1]
-    kh, kw = k1.view(1, 1, -1, 1).repeat(c, 1, 1, 1), k1.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
-
-    mx, my = blur(x), blur(y)
-    sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # one grouped blur for all five maps
+    kh = k1.view(1, 1, -1, 1).repeat(5 * c, 1, 1, 1)
+    kw = k1.view(1, 1, 1, -1).repeat(5 * c, 1, 1, 1)
+    mx, my, xx, yy, xy = F.conv2d(F.conv2d(stack, kh, groups=5 * c), kw, groups=5 * c).chunk(5, dim=1)
+    sxx, syy, sxy = xx - mx * mx, yy - my * my, xy - mx * my
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
     return s.flatten(1).mean(1)
@@ -114,6 +113,8 @@ def structure_loss(x: torch.Tensor, y: torch.Tensor, scales: int = 3) -> torch.T
 def projection_loss(x: torch.Tensor, y: torch.Tensor, l1_weight: float = 0.1, ssim_weight: float = 0.05
                     ) -> torch.Tensor:  # [B]
     """Per-image loss: MSE + l1_weight * L1 + ssim_weight * multi-scale (1 - SSIM); x, y in 0..1."""
+    # a pixel the target has saturated (at 0 or 1) is matched by any value beyond it: GAN outputs are not clamped
+    x = torch.where(((x > 1) & (y >= 1)) | ((x < 0) & (y <= 0)), y, x)
     d = x - y
     loss = d.square().flatten(1).mean(1)
     if l1_weight:
@@ -130,6 +131,30 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # [B] dB for images
 
 # ----------------------------------------------------------------------------------------------------------------
 # the generator as a differentiable function
+
+
+# In-place arithmetic the inference engines use on fresh intermediates, and its out-of-place equivalents.
+_OUT_OF_PLACE: dict[str, Callable] = {
+    "add_": torch.add, "sub_": torch.sub, "mul_": torch.mul, "div_": torch.div, "clamp_": torch.clamp,
+    "clamp_min_": torch.clamp_min, "clamp_max_": torch.clamp_max, "neg_": torch.neg, "addcmul_": torch.addcmul,
+    "leaky_relu_": F.leaky_relu, "relu_": torch.relu, "tanh_": torch.tanh, "sigmoid_": torch.sigmoid,
+}
+
+
+class _OutOfPlace(TorchFunctionMode):
+    """Runs in-place arithmetic out of place while gradients are recorded.
+
+    The generators overwrite intermediates in place for speed (`x = F.leaky_relu_(x); x = x.mul_(gain)`), which
+    autograd refuses when a later in-place op overwrites a tensor an earlier op saved for backward. Every such call in
+    them uses the returned tensor, so returning a new tensor instead keeps the result and makes it differentiable.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        repl = _OUT_OF_PLACE.get(getattr(func, "__name__", ""))
+        if repl is not None and torch.is_grad_enabled():
+            return repl(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -157,11 +182,12 @@ def _renderer(model: torch.nn.Module, space: str, noise_mode: str
     lo, hi = model.output_range
 
     def render(p: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if space in ("w", "w+"):
-            ws = p.expand(-1, model.num_ws, -1) if space == "w" else p  # [B,num_ws,w_dim]
-            img = _call(model, weights, "synthesis", ws, noise_mode=noise_mode)
-        else:
-            img = _call(model, weights, "", p, labels, noise_mode=noise_mode)
+        with _OutOfPlace():
+            if space in ("w", "w+"):
+                ws = p.expand(-1, model.num_ws, -1) if space == "w" else p  # [B,num_ws,w_dim]
+                img = _call(model, weights, "synthesis", ws, noise_mode=noise_mode)
+            else:
+                img = _call(model, weights, "", p, labels, noise_mode=noise_mode)
         return (img.float() - lo) / (hi - lo)
 
     return render

@@ -111,7 +111,7 @@ def to_nvidia(sd: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[dict[s
         out[f"synthesis.b{r}.resample_filter"] = f
     avg = meta.get("latent_avg") if isinstance(meta, dict) else None
     if isinstance(avg, torch.Tensor):
-        out["mapping.w_avg"] = avg.reshape(-1).float()
+        out["mapping.w_avg"] = avg.reshape(-1, avg.shape[-1])[0].float()  # [w_dim], [1,w_dim] or [n_latent,w_dim]
     meta = {k: v for k, v in (meta or {}).items() if k not in ("init_kwargs",)}
     return out, meta
 

@@ -300,13 +300,27 @@ def parse_layers(text: str, num_ws: int, name: str = "layers") -> list[int]:
     return sorted(set(out))
 
 
+def _need_w(desc: ModelDescriptor, name: str = "gan") -> int:
+    num_ws = int(getattr(check_generator(desc, name), "num_ws", 0) or 0)
+    if not num_ws:
+        raise InputError(f"{name}: {model_name(desc)} ({desc.architecture}) has no per-layer styles (no w space); "
+                         "style mixing needs a StyleGAN")
+    return num_ws
+
+
+def style_layers(desc: ModelDescriptor, coarse: bool, middle: bool, fine: bool, layers: str = "") -> list[int]:
+    """The ws rows to take from the style latent: `layers` text when given, else the chosen groups."""
+    num_ws = _need_w(desc)
+    if layers and layers.strip():
+        return parse_layers(layers, num_ws)
+    groups = layer_groups(num_ws)
+    return [i for key, on in (("coarse", coarse), ("middle", middle), ("fine", fine)) if on for i in groups[key]]
+
+
 def mix_styles(manager: ModelManager, desc: ModelDescriptor, base: GANLatent, source: GANLatent,
                layers: list[int]) -> GANLatent:
     """w of `base` with the rows in `layers` taken from `source` (batches equal, or source of 1). Result in w."""
-    g = check_generator(desc)
-    if not g.num_ws:
-        raise InputError(f"gan: {model_name(desc)} ({desc.architecture}) has no per-layer styles (no w space); style "
-                         "mixing needs a StyleGAN")
+    _need_w(desc)
     wa, wb = to_w(manager, desc, base, "latent"), to_w(manager, desc, source, "style_latent")
     if len(wb) not in (1, len(wa)):
         raise InputError(f"style_latent: batch of {len(wb)} cannot pair with latent's {len(wa)}; give the same batch "

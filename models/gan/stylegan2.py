@@ -237,13 +237,11 @@ class SynthesisNetwork(SynthesisBase):
             self.num_ws += block.num_conv + (block.num_torgb if res == img_resolution else 0)
             setattr(self, f"b{res}", block)
 
-    def forward(
-        self,
-        ws: torch.Tensor,  # [B,num_ws,w_dim]
-        noise_mode: str = "const",
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:  # [B,C,res,res] float32
-        ws = self.check_inputs(ws, noise_mode)
+    def sample_bytes(self) -> int:
+        return max(4 * 2 * getattr(self, f"b{r}").conv1.out_channels * (r + 1) ** 2 for r in self.block_resolutions)
+
+    def run(self, ws: torch.Tensor, noise_mode: str, generator: torch.Generator | None) -> torch.Tensor:
+        """ws [B,num_ws,w_dim] (checked) -> [B,C,res,res] float32."""
         dtype = self.b4.const.dtype
         if dtype not in (torch.float16, torch.bfloat16, torch.float64):
             dtype = torch.float32

@@ -201,13 +201,13 @@ class SynthesisNetwork(SynthesisBase):
             setattr(self, name, layer)
             self.layer_names.append(name)
 
-    def forward(
-        self,
-        ws: torch.Tensor,  # [B,num_ws,w_dim]
-        noise_mode: str = "const",  # accepted for the common interface; StyleGAN3 has no noise
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:  # [B,C,res,res] float32
-        ws = self.check_inputs(ws, noise_mode).unbind(dim=1)
+    def sample_bytes(self) -> int:
+        layers = [getattr(self, n) for n in self.layer_names]
+        return max(4 * m.out_channels * (m.out_size * m.down_factor + 8) ** 2 for m in layers)
+
+    def run(self, ws: torch.Tensor, noise_mode: str, generator: torch.Generator | None) -> torch.Tensor:
+        """ws [B,num_ws,w_dim] (checked) -> [B,C,res,res] float32; noise_mode is moot (no noise in StyleGAN3)."""
+        ws = ws.unbind(dim=1)
         dtype = self.input.weight.dtype
         if dtype not in (torch.float16, torch.bfloat16, torch.float64):
             dtype = torch.float32

@@ -7,7 +7,7 @@ host test skips with the reason (CI has no ComfyUI).
 The server runs `main.py --cpu` on 127.0.0.1 and a free port, with everything it writes under a temp dir:
   <tmp>/extra_model_paths.yaml    custom_nodes + model folders of the "atelier_test" section
   <tmp>/custom_nodes/atelier-nodes-test -> the repository (a hyphenated name: ComfyUI imports the folder by path)
-  <tmp>/models/<folder>/...       links to ../shared/weights files (the same root feeds the headless runner)
+  <tmp>/models/<folder>/...       copies of ../shared/weights files (the same root feeds the headless runner)
   <tmp>/input, output, temp, user  --input-directory, --output-directory, --temp-directory, --user-directory
 and its log in <tmp>/comfyui.log. The process is killed at the end of the session.
 """
@@ -62,8 +62,13 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "checkpoints": (),
     "diffusion_models": (),
 }
-MODEL_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin", ".pkl", ".tar")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Real weights shipped inside registry packages (installed --no-deps by .ci/setup; read as files, never imported),
+# under the names .ci/models gives them: (folder, package, file inside the package, name in the folder).
+REGISTRY_FILES = (
+    ("gans", "gan_face_generate", "weights.tar", "dcgan_faces_64.tar"),
+    ("gans", "omniart_eye_generator", "generator_model_state.pth", "dcgan_eyes_128.pth"),
+    ("gans", "vintagify", "resources/G_A2B_epoch33.pth", "cyclegan_vintage.pth"),
+)
 
 
 # --------------------------------------------------------------------------------------------- locating ComfyUI
@@ -91,24 +96,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _link(src: pathlib.Path, dst: pathlib.Path) -> None:
+def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
+    # A copy, not a symlink: the pack's ModelManager.resolve refuses links that point outside their model folder.
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() or dst.is_symlink():
-        return
-    try:
-        dst.symlink_to(src)
-    except OSError:  # file systems without symlinks
+    if not dst.exists():
         shutil.copy2(src, dst)
 
 
+def _package_dir(name: str) -> pathlib.Path | None:
+    """Folder of an installed top-level package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    locs = list(spec.submodule_search_locations or []) if spec is not None else []
+    return pathlib.Path(locs[0]) if locs else None
+
+
 def populate_models(models_root: pathlib.Path, weights: pathlib.Path) -> None:
-    """Links the shared weights into `models_root/<folder>/` (missing files are left out, not an error)."""
+    """Copies the shared weights (and registry-package weights, where installed) into `models_root/<folder>/`
+    (~40 MB; missing files are left out, not an error: workflows needing them then fail to validate)."""
     for folder, files in MODEL_FOLDERS.items():
         (models_root / folder).mkdir(parents=True, exist_ok=True)
         for rel in files:
             src = weights / rel
             if src.is_file():
-                _link(src, models_root / folder / src.name)
+                _copy(src, models_root / folder / src.name)
+    for folder, package, rel, name in REGISTRY_FILES:
+        pkg = _package_dir(package)
+        if pkg is not None and (pkg / rel).is_file():
+            _copy(pkg / rel, models_root / folder / name)
 
 
 def _id_key(node_id: str) -> tuple:

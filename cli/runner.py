@@ -349,7 +349,8 @@ class Runner:
                 mem.start()
                 try:
                     data = self._inputs(nid, node, api, outs, extra)
-                    outs[nid], ui_out = merge_results(cls, map_over_lists(cls, getattr(inst, cls.FUNCTION), data))
+                    with torch.inference_mode():  # as ComfyUI's executor runs every node
+                        outs[nid], ui_out = merge_results(cls, map_over_lists(cls, getattr(inst, cls.FUNCTION), data))
                 except (WorkflowError, KeyboardInterrupt):
                     raise
                 except Exception as e:

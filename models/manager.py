@@ -115,7 +115,18 @@ class ModelManager:
                 for base, _dirs, files in os.walk(d, followlinks=True):
                     rel = os.path.relpath(base, d)
                     names += [os.path.normpath(os.path.join(rel, f)) for f in files]
-        return sorted(n for n in set(names) if os.path.splitext(n)[1].lower() in MODEL_EXTENSIONS)
+        dirs = [os.path.realpath(d) for d in self.folder_dirs(folder)]
+        return sorted(n for n in set(names)
+                      if os.path.splitext(n)[1].lower() in MODEL_EXTENSIONS and self._inside(n, dirs))
+
+    @staticmethod
+    def _inside(name: str, real_dirs: list[str]) -> bool:
+        """The file `name` exists in one of the folders and does not link outside it (what resolve accepts)."""
+        for d in real_dirs:
+            real = os.path.realpath(os.path.join(d, name))
+            if os.path.isfile(real):
+                return os.path.commonpath([d, real]) == d
+        return False
 
     def resolve(self, folder: str, name: str) -> str:
         """A model name -> its file. Names that escape their folder (.., absolute, outward links) are refused."""
@@ -130,7 +141,10 @@ class ModelManager:
                 continue
             real_dir, real = os.path.realpath(d), os.path.realpath(cand)
             if os.path.commonpath([real_dir, real]) != real_dir:
-                raise ModelPathError(f"{folder}: {name!r} is a link pointing outside the {folder!r} folder ({real}); refused")
+                raise ModelPathError(
+                    f"{folder}: {name!r} is a link pointing outside the {folder!r} folder ({real}); refused. "
+                    f"Copy the file into the folder, or add its folder to extra_model_paths.yaml / link the whole folder"
+                )
             return real
         have = self.list_models(folder)
         hint = f"; available: {', '.join(have[:8])}" + (" ..." if len(have) > 8 else "") if have else " (folder is empty)"

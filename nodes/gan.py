@@ -190,8 +190,8 @@ class AtelierGANProject:
                       "w: one style vector (stays on the model's manifold); w+: one per layer (closer fit, less "
                       "editable); z: the input noise (DCGAN/MLP have only z); auto: w where there is one, else z."}),
             "steps": ("INT", {"default": 300, "min": 1, "max": 10000, "tooltip": "Optimisation steps."}),
-            "learning_rate": ("FLOAT", {"default": 0.1, "min": 0.0001, "max": 10.0, "step": 0.005,
-                              "tooltip": "Adam's peak learning rate (ramped up, then down)."}),
+            "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.005, "tooltip":
+                              "Adam's peak learning rate (ramped up, then down); 0: automatic (0.1 in w, 0.2 in z)."}),
             "class_label": ("INT", {"default": -1, "min": -1, "max": 100000, "tooltip":
                             "Conditional models: the target's class; -1: picked by the start search."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip":

@@ -33,6 +33,9 @@ from .sampling import GANLatent, check_generator, class_labels, model_identity, 
 log = logging.getLogger(__name__)
 
 PROJECT_SPACES = ("auto", "w", "w+", "z")
+# Defaults per space. z: small z-only generators (DCGAN/MLP) are cheap to evaluate and their z landscape has many
+# poor basins, so a wide start search and more restarts pay; w: the mean w is already a good start (NVIDIA uses it).
+_AUTO = {"z": {"lr": 0.2, "starts": 256, "restarts": 8}, "w": {"lr": 0.1, "starts": 32, "restarts": 4}}
 
 
 @dataclass
@@ -223,21 +226,22 @@ def _candidates(model: torch.nn.Module, space: str, n: int, seed: int, labels: t
     return (w if space == "w" else w.expand(-1, model.num_ws, -1)).contiguous(), lab
 
 
-def _best_start(render, model, space, target, starts, seed, labels, c_dim, dev):
-    """Per target: the candidate with the lowest loss. Returns (start [B,...], labels [B,c_dim] | None)."""
+def _best_starts(render, model, space, target, starts, k, seed, labels, c_dim, dev):
+    """Per target, the k candidates with the lowest loss: (starts [B*k,...], labels [B*k,c_dim] | None), k per
+    target in a row."""
     B = target.shape[0]
-    if labels is not None and B > 1 and (labels != labels[:1]).any():
-        per_item = [_best_start(render, model, space, target[i : i + 1], starts, seed, labels[i : i + 1], c_dim, dev)
-                    for i in range(B)]
-        return torch.cat([p[0] for p in per_item]), torch.cat([p[1] for p in per_item])
+    if labels is not None and B > 1 and (labels != labels[:1]).any():  # different classes: one search each
+        per = [_best_starts(render, model, space, target[i : i + 1], starts, k, seed, labels[i : i + 1], c_dim, dev)
+               for i in range(B)]
+        return torch.cat([p[0] for p in per]), torch.cat([p[1] for p in per])
     cand, lab = _candidates(model, space, starts, seed, labels, c_dim, dev)
     scores = []
     with torch.no_grad():
         for i in range(0, starts, 16):
             img = render(cand[i : i + 16], lab[i : i + 16] if lab is not None else None)  # [n,C,H,W]
             scores.append(torch.stack([projection_loss(img, t.expand_as(img)) for t in target]))  # [B,n]
-    best = torch.cat(scores, 1).argmin(1)  # [B]
-    return cand[best].clone(), None if lab is None else lab[best].clone()
+    top = torch.cat(scores, 1).topk(min(k, starts), dim=1, largest=False).indices.flatten()  # [B*k]
+    return cand[top].clone(), None if lab is None else lab[top].clone()
 
 
 def _lr_at(t: float, lr: float) -> float:
@@ -259,6 +263,79 @@ def _w_std(model: torch.nn.Module, dev: torch.device, samples: int = 2000) -> fl
     return float(((w - model.w_avg.float()).square().sum() / samples).sqrt())
 
 
+@dataclass
+class _Problem:
+    render: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    target: torch.Tensor  # [N,C,H,W], N = targets * restarts (each target k times in a row)
+    labels: torch.Tensor | None  # [N,c_dim]
+    l1_weight: float
+    ssim_weight: float
+
+    def loss(self, p: torch.Tensor) -> torch.Tensor:  # [N]
+        return projection_loss(self.render(p, self.labels), self.target, self.l1_weight, self.ssim_weight)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.target = self.target[rows]
+        self.labels = None if self.labels is None else self.labels[rows]
+
+
+def _prune(prob: _Problem, param: torch.Tensor, opt: torch.optim.Adam, k: int) -> tuple[torch.Tensor, torch.optim.Adam, torch.Tensor]:
+    """Keep each target's best of its k rows (Adam's moments too). Returns (param, optimiser, kept rows)."""
+    with torch.no_grad():
+        loss = prob.loss(param).view(-1, k)  # [B,k], noise-free
+    rows = loss.argmin(1) + torch.arange(loss.shape[0], device=loss.device) * k  # [B]
+    new = param.detach()[rows].clone().requires_grad_(True)
+    new_opt = torch.optim.Adam([new], lr=opt.param_groups[0]["lr"], betas=opt.param_groups[0]["betas"])
+    state = opt.state.get(param)
+    if state:
+        new_opt.state[new] = {key: (v[rows].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for key, v in state.items()}
+    prob.keep(rows)
+    return new, new_opt, rows
+
+
+def _optimise(prob: _Problem, start: torch.Tensor, steps: int, lr: float, k: int, noise_scale: float,
+              callback: Callable[[int, float], None] | None) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+    """Adam from `start` [B*k,...]; the k restarts per target are cut to the best after a quarter of the steps.
+    Returns (best latent per target [B,...], total loss per step, kept rows of the start [B])."""
+    param = start.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([param], lr=lr, betas=(0.9, 0.999))
+    rows = torch.arange(start.shape[0], device=start.device)
+    prune_at = steps // 4 if k > 1 else None  # < steps, so pruning always happens when k > 1
+    best, best_loss, losses = None, None, []
+    with Progress(steps, "GAN projection") as bar:
+        for step in range(steps):
+            if step == prune_at:
+                param, opt, kept = _prune(prob, param, opt, k)
+                rows = rows[kept]
+            t = step / steps
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(t, lr)
+            strength = noise_scale * max(0.0, 1.0 - t / 0.75) ** 2
+            loss = prob.loss(param + torch.randn_like(param) * strength if strength else param)  # [N]
+            if strength == 0 and (prune_at is None or step >= prune_at):  # the best noise-free point per target
+                best, best_loss = _track(best, best_loss, param, loss)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            losses.append(float(loss.detach().sum()))
+            if callback is not None:
+                callback(step, losses[-1])
+            bar.update()
+    with torch.no_grad():
+        best, _ = _track(best, best_loss, param, prob.loss(param))
+    return best, losses, rows
+
+
+def _track(best: torch.Tensor | None, best_loss: torch.Tensor | None, param: torch.Tensor, loss: torch.Tensor):
+    cur, cur_loss = param.detach(), loss.detach()
+    if best is None:
+        return cur.clone(), cur_loss.clone()
+    better = cur_loss < best_loss
+    best = best.clone()
+    best[better] = cur[better]
+    return best, torch.where(better, cur_loss, best_loss)
+
+
 def project(
     manager: ModelManager,
     desc: ModelDescriptor,
@@ -266,64 +343,45 @@ def project(
     *,
     space: str = "auto",  # "auto" (w where the model has one, else z), "w", "w+", "z"
     steps: int = 300,
-    lr: float = 0.1,
+    lr: float | None = None,  # Adam's peak learning rate; None: 0.1 in w (NVIDIA's), 0.2 in z
     class_label: int = -1,  # conditional models in z: the target's class, -1 = found by the start search
     seed: int = 0,  # random starting candidates
-    starts: int = 64,  # candidates tried before optimising (the mean w is one of them)
+    starts: int | None = None,  # candidates tried before optimising (w: the mean w is one); None: z 256, w 32
+    restarts: int | None = None,  # best candidates optimised per target for the first quarter; None: z 8, w 4
     l1_weight: float = 0.1,
     ssim_weight: float = 0.05,
     noise_mode: str = "const",
-    callback: Callable[[int, torch.Tensor], None] | None = None,  # (step, loss per image [B])
+    callback: Callable[[int, float], None] | None = None,  # (step, total loss) after every step
 ) -> Projection:
     """Invert `image` into the generator's latent space. See the module docstring."""
     g = check_generator(desc)
     space = _check_space(desc, space)
     if steps < 1:
         raise InputError(f"steps: expected at least 1, got {steps}")
+    auto = _AUTO["z" if space == "z" else "w"]
+    lr = auto["lr"] if lr is None or lr == 0 else float(lr)
+    starts = auto["starts"] if starts is None else int(starts)
+    restarts = auto["restarts"] if restarts is None else int(restarts)
     if not lr > 0:
-        raise InputError(f"learning_rate: expected a positive number, got {lr}")
+        raise InputError(f"learning_rate: expected a positive number (or 0 for automatic), got {lr}")
     target, note = prepare_target(image, g.img_resolution, g.img_channels)
-    B = target.shape[0]
+    B, k = target.shape[0], max(1, min(int(restarts), int(starts)))
     what = f"{model_name(desc)} ({desc.architecture})"
-    # -1 on a conditional model: the start search tries random classes and keeps the best one per target
+    # -1 on a conditional model: the start search tries random classes and keeps the best ones per target
     labels = None if g.c_dim and class_label == -1 else class_labels(g.c_dim, class_label, seed, B, what)
     if note:
         log.info("GAN projection: %s", note)
-    losses: list[float] = []
     with manager.use(desc) as model, torch.inference_mode(False), torch.enable_grad():
         dev = placement(model)[0]
         tgt = target.clone().to(dev)  # a normal tensor (not an inference one)
-        lab = labels.clone().to(dev) if labels is not None else None
-
         render = _renderer(model, space, noise_mode)
-        start, lab = _best_start(render, model, space, tgt, starts, seed, lab, g.c_dim, dev)
-        param = start.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([param], lr=lr, betas=(0.9, 0.999))
+        start, lab = _best_starts(render, model, space, tgt, max(starts, k), k, seed,
+                                  None if labels is None else labels.clone().to(dev), g.c_dim, dev)
+        prob = _Problem(render, tgt.repeat_interleave(k, 0), lab, l1_weight, ssim_weight)
         noise_scale = 0.05 * _w_std(model, dev) if space in ("w", "w+") else 0.0
-        best, best_loss = param.detach().clone(), torch.full((B,), float("inf"), device=dev)
-        with Progress(steps, "GAN projection") as bar:
-            for step in range(steps):
-                t = step / steps
-                for group in opt.param_groups:
-                    group["lr"] = _lr_at(t, lr)
-                strength = noise_scale * max(0.0, 1.0 - t / 0.75) ** 2
-                p = param + torch.randn_like(param) * strength if strength else param
-                loss = projection_loss(render(p, lab), tgt, l1_weight, ssim_weight)  # [B]
-                if not strength:  # track the best noise-free point per image
-                    better = loss.detach() < best_loss
-                    best[better] = param.detach()[better]
-                    best_loss = torch.where(better, loss.detach(), best_loss)
-                opt.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                opt.step()
-                losses.append(float(loss.detach().sum()))
-                if callback is not None:
-                    callback(step, loss.detach())
-                bar.update()
+        best, losses, rows = _optimise(prob, start, steps, lr, k, noise_scale, callback)
+        lab = None if lab is None else lab[rows]
         with torch.no_grad():
-            final_loss = projection_loss(render(param, lab), tgt, l1_weight, ssim_weight)
-            better = final_loss < best_loss
-            best[better] = param.detach()[better]
             if space in ("w", "w+"):
                 best = best.expand(-1, g.num_ws, -1)
             img = render(best, lab).clamp(0, 1)  # render() is already in 0..1 units

@@ -30,7 +30,9 @@ import urllib.request
 import uuid
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PACK_LINK_NAME = "atelier-nodes-test"  # hyphenated on purpose: not an importable module name
@@ -114,7 +116,7 @@ def _package_dir(name: str) -> pathlib.Path | None:
 
 def populate_models(models_root: pathlib.Path, weights: pathlib.Path) -> None:
     """Copies the shared weights (and registry-package weights, where installed) into `models_root/<folder>/`
-    (~40 MB; missing files are left out, not an error: workflows needing them then fail to validate)."""
+    (~150 MB; missing files are left out, not an error: workflows needing them then fail to validate on ComfyUI)."""
     for folder, files in MODEL_FOLDERS.items():
         (models_root / folder).mkdir(parents=True, exist_ok=True)
         for rel in files:
@@ -284,26 +286,21 @@ class ComfyServer:
                 out.append((node_id, i, img))
         return out
 
-    def image_arrays(self, entry: dict) -> list[tuple[str, "np.ndarray"]]:
+    def image_arrays(self, entry: dict) -> list[tuple[str, np.ndarray]]:
         """("<node id>:<index>", uint8 [H,W,C] pixels) of every image of a /history entry, fetched through /view."""
-        import numpy as np
-        from PIL import Image
-
         out = []
         for node_id, i, rec in self.images(entry):
             with Image.open(io.BytesIO(self.view(rec))) as im:
                 out.append((f"{node_id}:{i}", np.asarray(im.convert("RGBA" if "A" in im.getbands() else "RGB"))))
         return out
 
-    def put_input(self, name: str, src: "pathlib.Path | np.ndarray") -> pathlib.Path:
+    def put_input(self, name: str, src: pathlib.Path | np.ndarray) -> pathlib.Path:
         """Place an input file (a copy of `src`, or a uint8 [H,W,C] array saved as PNG) in the input directory."""
         dst = self.input_dir / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(src, pathlib.Path):
             shutil.copyfile(src, dst)
         else:
-            from PIL import Image
-
             Image.fromarray(src).save(dst)
         return dst
 
@@ -319,7 +316,7 @@ class ComfyServer:
     def settle(self) -> None:
         """Run two trivial prompts (LoadImage -> PreviewImage) so that pending /free flags have been handled."""
         if not (self.input_dir / "settle.png").exists():
-            self.put_input("settle.png", __import__("numpy").zeros((8, 8, 3), "uint8"))
+            self.put_input("settle.png", np.zeros((8, 8, 3), np.uint8))
         barrier = {"1": {"class_type": "LoadImage", "inputs": {"image": "settle.png"}},
                    "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
         for _ in range(2):

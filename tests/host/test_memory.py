@@ -18,7 +18,6 @@ that consumes its output and gives an IMAGE (other inputs at their defaults, or 
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 import pytest
@@ -128,7 +127,8 @@ def build_graph(info: dict, image: str) -> tuple[dict, str] | None:
             if mtype == "IMAGE":  # a node taking the file name itself and giving the image
                 candidates = [loader]
             else:
-                candidates = [n for n in sorted(ours, key=_rank) if _rank(n)[0] < 2 and "IMAGE" in ours[n].get("output", [])
+                candidates = [n for n in sorted(ours, key=_rank)
+                              if _rank(n)[0] < 2 and "IMAGE" in ours[n].get("output", [])
                               and mtype in [_type(s) for s in ours[n]["input"].get("required", {}).values()]]
             for consumer in candidates:
                 g = _Graph(info, ours, loader, widget, fname, mtype, image)
@@ -213,8 +213,8 @@ def test_free_unloads_a_model_the_pack_loaded(comfy):
     assert out2 and "Prompt executed" in log2
     assert any(a.shape != b.shape or not np.array_equal(a, b) for (_, a), (_, b) in zip(out1, out2)), \
         "the second run gave the first run's pixels: our node was not run again, so it proves nothing"
-    assert request not in log2, ("the second run requested the model again without /free: the pack does not keep "
-                                 f"one registered ModelPatcher per model, so eviction cannot be observed:\n{log2[-3000:]}")
+    assert request not in log2, ("the second run requested the model again without /free: the pack does not keep one "
+                                 "registered ModelPatcher per model, so eviction cannot be observed:\n" + log2[-3000:])
 
     off = comfy.log_size()
     comfy.free(unload_models=True, free_memory=True)  # what the frontend's "Unload models" button sends

@@ -155,3 +155,11 @@ def test_ram_cache_evicts_least_recently_used(models_root, fake_detector):
 def test_process_wide_manager_is_lazy(monkeypatch):
     monkeypatch.setattr(mgr, "_MANAGER", None)
     assert mgr.get_manager() is mgr.get_manager()
+
+
+def test_outward_links_are_not_offered(manager, models_root, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    _toy(outside)
+    os.symlink(outside, models_root / "upscale_models" / "link.safetensors")
+    _toy(models_root / "upscale_models" / "real.safetensors")
+    assert manager.list_models("upscale_models") == ["real.safetensors"]

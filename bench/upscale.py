@@ -1,0 +1,253 @@
+"""Benchmark: Atelier Upscale Image against core ComfyUI's ImageUpscaleWithModel, same model file, same images.
+
+    /path/to/ComfyUI/.venv/bin/python bench/upscale.py [--model FILE] [--sizes 256,512,1024] [--reps 5]
+
+Needs a real ComfyUI (its source tree and its venv; see ../shared/HOST.md): `--comfyui DIR`, else $ATELIER_COMFYUI,
+else ../comfyui beside the repository. Run with another interpreter, the script re-runs itself under
+DIR/.venv/bin/python when that exists. Without ComfyUI it says so and prints {"error": ...} as its last line.
+
+What is measured, per input size (square astronaut images, the model's own scale):
+- wall time: one worker process loads both nodes the way ComfyUI runs them (comfy imported with --cpu unless
+  --gpu, our pack imported as a package, every call under torch.inference_mode) and alternates core, ours, core,
+  ours ... after one warm-up call each; the median of --reps runs per node.
+- peak memory: a fresh process per node and size loads the model, notes its resident memory, runs the node once
+  and reads the peak (VmHWM after resetting it, else ru_maxrss). Reported as whole-process peak ratio and as the
+  ratio of the growth above the loaded baseline.
+- seams (1024 input, or the largest size): both nodes' outputs against the untiled result (spandrel's call on the
+  whole image, PyTorch's own convolutions), max abs difference in 1/255 units.
+Last line: one JSON object with the ratios (ours / core; below 1 is better).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO.parent / "shared" / "weights" / "realesr-animevideov3" / "realesr-animevideov3.pth"
+
+
+# ------------------------------------------------------------------------------------------------ locating ComfyUI
+def find_comfyui(arg: str | None) -> pathlib.Path | None:
+    for cand in (arg, os.environ.get("ATELIER_COMFYUI"), str(REPO.parent / "comfyui")):
+        if cand and (pathlib.Path(cand) / "main.py").is_file() and (pathlib.Path(cand) / "comfy").is_dir():
+            return pathlib.Path(cand).resolve()
+    return None
+
+
+def comfy_python(comfy: pathlib.Path) -> str:
+    venv = comfy / ".venv" / "bin" / "python"
+    return str(venv) if venv.is_file() else sys.executable
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+def setup(comfy: str, model_dir: str, gpu: bool) -> dict[str, Any]:
+    """Import comfy as a standalone script must (args parsing on, --cpu), core's upscale nodes and our pack."""
+    sys.argv = [sys.argv[0]] + ([] if gpu else ["--cpu"])
+    sys.path.insert(0, comfy)
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.model_management  # noqa: F401
+    import folder_paths
+
+    folder_paths.add_model_folder_path("upscale_models", model_dir)
+    from comfy_extras import nodes_upscale_model as core_nodes
+
+    pkg_root = tempfile.mkdtemp(prefix="atelier_bench_")
+    os.symlink(str(REPO), os.path.join(pkg_root, "atelier"))
+    sys.path.insert(0, pkg_root)
+    from atelier.nodes import upscale as ours
+
+    return {"core": core_nodes, "ours": ours}
+
+
+def load_nodes(mods: dict[str, Any], name: str) -> dict[str, Any]:
+    core_model = mods["core"].UpscaleModelLoader.execute(name)[0]
+    our_model = mods["ours"].AtelierLoadUpscaler().load(name)[0]
+    return {
+        "core": lambda img: mods["core"].ImageUpscaleWithModel.execute(upscale_model=core_model, image=img)[0],
+        "ours": lambda img: mods["ours"].AtelierUpscaleImage().upscale(our_model, img)[0],
+        "core_model": core_model,
+    }
+
+
+def test_image(size: int):
+    """[1,size,size,3] IMAGE: the astronaut, resized (content only matters for the seam check)."""
+    import torch
+    import torch.nn.functional as F
+    from skimage import data
+
+    x = torch.from_numpy(data.astronaut()).float().div(255).permute(2, 0, 1)[None]
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return x.movedim(1, -1).contiguous()
+
+
+def _status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def worker_time(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    mods = setup(a.comfyui, a.model_dir, a.gpu)
+    nodes = load_nodes(mods, a.model_name)
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        for size in a.sizes:
+            img = test_image(size)
+            times: dict[str, list[float]] = {"core": [], "ours": []}
+            for rep in range(a.reps + 1):  # rep 0: warm-up, not counted
+                for which in ("core", "ours") if rep % 2 == 0 else ("ours", "core"):
+                    t0 = time.perf_counter()
+                    res = nodes[which](img)
+                    _sync(a.gpu)
+                    if rep:
+                        times[which].append(time.perf_counter() - t0)
+                    del res
+            out[str(size)] = {k: statistics.median(v) for k, v in times.items()} | {"runs": times}
+            print(f"  time {size}: core {out[str(size)]['core']:.2f}s  ours {out[str(size)]['ours']:.2f}s", file=sys.stderr)
+    return out
+
+
+def _sync(gpu: bool) -> None:
+    if gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def worker_mem(a: argparse.Namespace) -> dict[str, Any]:
+    import resource
+
+    import torch
+
+    mods = setup(a.comfyui, a.model_dir, a.gpu)
+    nodes = load_nodes(mods, a.model_name)
+    img = test_image(a.sizes[0])
+    base = _status("VmRSS")
+    reset = False
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
+        reset = True
+    except OSError:
+        pass
+    if a.gpu and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        res = nodes[a.which](img)
+    peak = _status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    info = {"base": base, "peak": peak, "shape": list(res.shape)}
+    if a.gpu and torch.cuda.is_available():
+        info["gpu_peak"] = torch.cuda.max_memory_allocated()
+    return info
+
+
+def worker_seams(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    mods = setup(a.comfyui, a.model_dir, a.gpu)
+    nodes = load_nodes(mods, a.model_name)
+    img = test_image(a.sizes[0])
+    with torch.inference_mode():
+        ref = nodes["core_model"](img.movedim(-1, 1)).movedim(1, -1).clamp(0, 1)  # spandrel, untiled, on the CPU
+        out = {}
+        for which in ("core", "ours"):
+            res = nodes[which](img)
+            out[which] = (res.cpu() - ref).abs().max().item() * 255
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ orchestration
+def run_worker(py: str, kind: str, a: argparse.Namespace, sizes: list[int], which: str = "") -> dict[str, Any]:
+    cmd = [py, __file__, "--worker", kind, "--comfyui", a.comfyui, "--model", a.model, "--reps", str(a.reps),
+           "--sizes", ",".join(map(str, sizes))] + (["--which", which] if which else []) + (["--gpu"] if a.gpu else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker ({which or ''} {sizes}) failed:\n{proc.stderr[-3000:]}")
+    sys.stderr.write("".join(l + "\n" for l in proc.stderr.splitlines() if l.startswith("  time")))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--comfyui", help="ComfyUI source tree (default $ATELIER_COMFYUI or ../comfyui)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="upscale model file (default: Real-ESRGAN Compact x4)")
+    p.add_argument("--sizes", default="256,512,1024", help="input sizes (square)")
+    p.add_argument("--reps", type=int, default=5, help="timed runs per node and size (median reported)")
+    p.add_argument("--gpu", action="store_true", help="let ComfyUI use its GPU (default --cpu)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-seams", action="store_true")
+    p.add_argument("--worker", choices=("time", "mem", "seams"), help=argparse.SUPPRESS)
+    p.add_argument("--which", choices=("core", "ours"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
+    a.model = str(pathlib.Path(a.model).resolve())
+    a.model_dir, a.model_name = os.path.dirname(a.model), os.path.basename(a.model)
+
+    if a.worker:
+        fn = {"time": worker_time, "mem": worker_mem, "seams": worker_seams}[a.worker]
+        print(json.dumps(fn(a)))
+        return 0
+
+    comfy = find_comfyui(a.comfyui)
+    if comfy is None:
+        msg = ("no ComfyUI found: give --comfyui DIR or set ATELIER_COMFYUI to a ComfyUI source tree with its venv "
+               "(see ../shared/HOST.md); this benchmark compares against core's ImageUpscaleWithModel")
+        print(msg)
+        print(json.dumps({"error": msg}))
+        return 2
+    a.comfyui = str(comfy)
+    py = comfy_python(comfy)
+    if not os.path.isfile(a.model):
+        print(json.dumps({"error": f"model file not found: {a.model}"}))
+        return 2
+    print(f"ComfyUI {comfy} ({py}); model {a.model_name}; sizes {a.sizes}; {a.reps} runs each; "
+          f"{'GPU' if a.gpu else 'CPU'}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    times = run_worker(py, "time", a, a.sizes)
+    result: dict[str, Any] = {"model": a.model_name, "device": "gpu" if a.gpu else "cpu", "reps": a.reps}
+    for s in a.sizes:
+        t = times[str(s)]
+        result[f"time_ratio_{s}"] = round(t["ours"] / t["core"], 3)
+        print(f"{s:>5}px  time  core {t['core']:8.2f}s  ours {t['ours']:8.2f}s  ratio {t['ours'] / t['core']:.3f}")
+    if not a.no_memory:
+        for s in a.sizes:
+            m = {w: run_worker(py, "mem", a, [s], w) for w in ("core", "ours")}
+            ratio = m["ours"]["peak"] / m["core"]["peak"]
+            growth = (m["ours"]["peak"] - m["ours"]["base"]) / max(1, m["core"]["peak"] - m["core"]["base"])
+            result[f"mem_ratio_{s}"] = round(ratio, 3)
+            result[f"mem_growth_ratio_{s}"] = round(growth, 3)
+            print(f"{s:>5}px  peak  core {m['core']['peak'] / 2**20:8.0f}MB  ours {m['ours']['peak'] / 2**20:8.0f}MB  "
+                  f"ratio {ratio:.3f}   (growth above baseline: core {(m['core']['peak'] - m['core']['base']) / 2**20:.0f}MB"
+                  f" ours {(m['ours']['peak'] - m['ours']['base']) / 2**20:.0f}MB, ratio {growth:.3f})")
+    if not a.no_seams:
+        s = 1024 if 1024 in a.sizes else max(a.sizes)
+        seams = run_worker(py, "seams", a, [s])
+        result[f"seam_core_{s}"] = round(seams["core"], 4)
+        result[f"seam_ours_{s}"] = round(seams["ours"], 4)
+        print(f"{s:>5}px  seams vs untiled (max abs diff, /255): core {seams['core']:.4f}  ours {seams['ours']:.4f}")
+    result["time_ratio_max"] = max(result[f"time_ratio_{s}"] for s in a.sizes)
+    if not a.no_memory:
+        result["mem_ratio_max"] = max(result[f"mem_ratio_{s}"] for s in a.sizes)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

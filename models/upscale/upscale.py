@@ -1,0 +1,262 @@
+"""Upscaling with a super-resolution or restoration model: to its own scale, a factor, or an exact size.
+
+    out = upscale(desc, image)                       # [B,C,H,W] -> [B,C,H*s,W*s]
+    out = upscale(desc, image, factor=1.5)           # one x4 pass, then an antialiased downscale
+    out = upscale(desc, image, width=3840)           # height from the aspect ratio; repeated passes as needed
+
+Every model pass goes through the shared tiling engine with the model's receptive field as context (tiles of
+"local" models equal the untiled result; "global" models run whole unless memory forces tiles) under the manager
+(placement, fp16/bf16 on GPU where allowed with a float32 recompute on NaN/Inf). On the CPU in float32 the 3x3
+convolutions run through NNPACK's Winograd kernels (see cpu_conv.py) and tiles are sized to stay in cache.
+Alpha is split off and resized (or run through the model as a grey image); a greyscale model runs on each colour
+channel of an RGB image; an RGB model runs on a grey image replicated to RGB and its output is turned back to grey.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import host
+from ..descriptor import ModelDescriptor
+from ..errors import InputError
+from ..manager import ModelManager, get_manager, placement
+from ..tiling import match_channels, split_alpha, tiled_apply
+from .cpu_conv import fast_cpu_convs, nnpack_usable
+
+log = logging.getLogger(__name__)
+
+MAX_SIDE = 16384  # largest output side (ComfyUI's MAX_RESOLUTION)
+MAX_PASSES = 4  # model passes one call may chain (x4 model: up to x256)
+ALPHA_MODES = ("resize", "model")
+CPU_TILE_BYTES = 160 << 20  # activation bytes per tile call on the CPU: tiles stay near the caches
+NNPACK_BYTES_PER_FEATURE = 18.0  # NNPACK's Winograd workspace per input pixel and feature channel (measured)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    tile: int  # tile side in input pixels (>= both sides: one call for the whole image)
+    context: int
+    blend: int
+    align: int
+    max_batch: int
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def target_size(
+    height: int, width: int, scale: float, *, factor: float | None = None, out_width: int = 0, out_height: int = 0
+) -> tuple[int, int]:
+    """Output (H, W): the model's scale (nothing given), `factor`, or `out_width`/`out_height` (one of them 0 keeps
+    the aspect ratio). Raises InputError naming the input for zero, negative or over-`MAX_SIDE` requests."""
+    if out_width or out_height:
+        if out_width < 0 or out_height < 0:
+            raise InputError(f"width/height: expected sizes >= 0 (0 keeps the aspect ratio), got {out_width}x{out_height}")
+        H = out_height or max(1, round(height * out_width / width))
+        W = out_width or max(1, round(width * out_height / height))
+        name = "width/height"
+    else:
+        f = float(scale if factor is None else factor)
+        if not math.isfinite(f) or f <= 0:
+            raise InputError(f"factor: expected a positive scale factor, got {factor!r}")
+        H, W = max(1, round(height * f)), max(1, round(width * f))
+        name = "factor"
+    if max(H, W) > MAX_SIDE:
+        raise InputError(f"{name}: the output would be {W}x{H}; the largest side allowed is {MAX_SIDE} pixels "
+                         f"(input {width}x{height})")
+    return H, W
+
+
+def plan_passes(scale: int, height: int, width: int, out_h: int, out_w: int) -> list[tuple[int, int]]:
+    """Input size of each model pass. Passes repeat until the model's output reaches the target; before the last
+    pass of a chain the intermediate is shrunk so that pass lands on the target instead of overshooting it."""
+    f = max(out_h / height, out_w / width)
+    n = 1 if scale <= 1 or f <= scale else math.ceil(math.log(f) / math.log(scale) - 1e-9)
+    if n > MAX_PASSES:
+        raise InputError(f"factor: {f:.3g}x needs {n} passes of this x{scale} model; at most {MAX_PASSES} are chained")
+    sizes = [(height, width)]
+    h, w = height, width
+    for i in range(1, n):
+        h, w = h * scale, w * scale
+        if i == n - 1:  # shrink before the last pass (never grows: s^(n-1) >= f/s)
+            h, w = min(h, max(1, math.ceil(out_h / scale))), min(w, max(1, math.ceil(out_w / scale)))
+        sizes.append((h, w))
+    return sizes
+
+
+def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:  # [B,C,h,w] -> [B,C,height,width]
+    """High-quality resize: bicubic with antialiasing when shrinking, clamped to 0..1."""
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    y = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return y.clamp_(0, 1)
+
+
+# ---------------------------------------------------------------- the public entry point
+
+
+def upscale(
+    desc: ModelDescriptor,
+    image: torch.Tensor,  # [B,C,H,W] 0..1, C in 1..4 (2 and 4 carry alpha)
+    *,
+    factor: float | None = None,
+    width: int = 0,
+    height: int = 0,
+    alpha: str = "resize",
+    tile: int | None = None,
+    manager: ModelManager | None = None,
+) -> torch.Tensor:  # [B,C,H',W'] float32 on image.device, 0..1 (an inference-mode tensor, as in ComfyUI)
+    """Upscale (or restore) a batch of images with `desc`; see the module docstring."""
+    _check_image(image)
+    if alpha not in ALPHA_MODES:
+        raise InputError(f"alpha: expected one of {ALPHA_MODES}, got {alpha!r}")
+    if tile is not None and tile < 0:
+        raise InputError(f"tile: expected 0 (automatic) or a tile side in pixels, got {tile}")
+    manager = manager or get_manager()
+    B, C, h, w = image.shape
+    out_h, out_w = target_size(h, w, desc.scale, factor=factor, out_width=width, out_height=height)
+    with torch.inference_mode():
+        x = image.float()
+        if desc.in_channels == 4 or C not in (2, 4):
+            colour, a = x, None
+        else:
+            colour, a = split_alpha(x)
+        out = _chain(desc, colour, out_h, out_w, tile or None, manager)
+        if a is not None:
+            a = resize(a, out_h, out_w) if alpha == "resize" else _chain(desc, a, out_h, out_w, tile or None, manager)
+            out = torch.cat([out, a], dim=1)
+        return out
+
+
+def _check_image(image: torch.Tensor) -> None:
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or not 1 <= image.shape[1] <= 4:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise InputError(f"image: expected a [B,C,H,W] tensor with 1-4 channels, got {got}")
+    if image.numel() == 0:
+        raise InputError(f"image: the batch is empty (shape {tuple(image.shape)})")
+    if not torch.isfinite(image).all():
+        raise InputError("image: the image has NaN or Inf pixels; fix the node that produced it")
+
+
+def _chain(desc: ModelDescriptor, x: torch.Tensor, out_h: int, out_w: int, tile: int | None,
+           manager: ModelManager) -> torch.Tensor:
+    """The model passes of `plan_passes`, then the final resize to exactly (out_h, out_w)."""
+    s = int(desc.scale)
+    for ph, pw in plan_passes(s, x.shape[-2], x.shape[-1], out_h, out_w):
+        x = model_pass(desc, resize(x, ph, pw), tile=tile, manager=manager)
+    return resize(x, out_h, out_w)
+
+
+# ---------------------------------------------------------------- one model pass
+
+
+def model_pass(desc: ModelDescriptor, x: torch.Tensor, *, tile: int | None = None,
+               manager: ModelManager | None = None) -> torch.Tensor:
+    """One pass of the model on [B,C,H,W] (C = 1 or 3, or 4 for RGBA models), channels adapted both ways."""
+    B, C, H, W = x.shape
+    cin = desc.in_channels
+    if C == cin:
+        y = run_model(desc, x, tile=tile, manager=manager)
+    elif cin == 4 and C == 3:  # an RGBA model on RGB: opaque alpha in, alpha out dropped
+        y = run_model(desc, torch.cat([x, x.new_ones(B, 1, H, W)], 1), tile=tile, manager=manager)[:, :3]
+    elif cin == 1 and C == 3:  # a greyscale model on colour: each channel on its own, as a batch
+        y = run_model(desc, x.reshape(B * C, 1, H, W), tile=tile, manager=manager)
+        y = y.reshape(B, C * y.shape[1], *y.shape[-2:])
+    elif cin == 3 and C == 1:  # an RGB model on grey: replicate in, luma out
+        y = run_model(desc, x.expand(-1, 3, -1, -1), tile=tile, manager=manager)
+    else:
+        raise InputError(f"image: a {desc.in_channels}-channel {desc.architecture} model cannot take "
+                         f"{C}-channel images")
+    if y.shape[1] != C:
+        y = match_channels(y, C) if y.shape[1] in (1, 3) else y[:, :C]
+    return y
+
+
+def run_model(desc: ModelDescriptor, x: torch.Tensor, *, tile: int | None = None,
+              manager: ModelManager | None = None, progress: str | None = "upscale") -> torch.Tensor:
+    """The model on [B,cin,H,W] through the tiling engine, on the manager's device and dtype; float32 result."""
+    manager = manager or get_manager()
+    if not callable(desc.extra) or desc.family != "upscale":
+        raise InputError(f"upscale_model: {desc.architecture} ({desc.family} {desc.purpose}) is not a single-image "
+                         "upscale or restoration model")
+    call = _per_sample_fallback(desc.extra)  # spandrel's call: size requirements (pad/crop), call_fn, clamp 0..1
+
+    def work(model: torch.nn.Module) -> torch.Tensor:
+        device, dtype = placement(model)
+        plan = tile_plan(desc, x.shape[-2], x.shape[-1], x.shape[0], device, dtype, tile, manager)
+        cpu32 = device.type == "cpu" and dtype == torch.float32
+        with torch.inference_mode(), fast_cpu_convs(model, enabled=cpu32):
+            return tiled_apply(call, x, scale=int(desc.scale), out_channels=desc.out_channels, tile=plan.tile,
+                               context=plan.context, blend=plan.blend, align=plan.align, max_batch=plan.max_batch,
+                               device=device, dtype=dtype, progress=progress)
+
+    need = desc.memory_estimate(min(x.shape[-2] * x.shape[-1], 1024 * 1024), dtype=torch.float32)
+    return manager.run(desc, work, memory_required=need)
+
+
+def _per_sample_fallback(call):
+    """Batched tiles; a model whose call only takes one image at a time (e.g. FDnCNN's noise map) gets a loop."""
+
+    def fn(t: torch.Tensor) -> torch.Tensor:  # [N,C,h,w] -> [N,C',h*s,w*s]
+        if t.shape[0] == 1:
+            return call(t)
+        try:
+            return call(t)
+        except RuntimeError as e:
+            if host.is_oom(e):
+                raise
+            return torch.cat([call(t[i : i + 1]) for i in range(t.shape[0])])
+
+    return fn
+
+
+def bytes_per_pixel(desc: ModelDescriptor, device: torch.device, dtype: torch.dtype) -> float:
+    """Peak activation bytes per input pixel of one call (NNPACK's workspace included on the CPU)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    bpp = (desc.bytes_per_pixel or 4.0 * 64 * 48) * itemsize / 4
+    if device.type == "cpu" and dtype == torch.float32 and nnpack_usable():
+        bpp += NNPACK_BYTES_PER_FEATURE * desc.config.get("features", 64)
+    return bpp
+
+
+def tile_plan(desc: ModelDescriptor, H: int, W: int, batch: int, device: torch.device, dtype: torch.dtype,
+              tile: int | None, manager: ModelManager) -> TilePlan:
+    """Tile side, context, blend and batch for one pass: one call when the image fits (always for "global" models
+    when memory allows); else the fewest tiles of near-equal size whose context is the receptive field."""
+    cfg = desc.config
+    align = int(cfg.get("align", 1))
+    context = int(desc.receptive_field or 0)
+    exact = bool(cfg.get("exact_tiles", False))
+    blend = 4 if exact else max(16, context // 2)
+    bpp = bytes_per_pixel(desc, device, dtype)
+    budget = manager.activation_budget(desc)
+    cap = min(budget, CPU_TILE_BYTES) if device.type == "cpu" and cfg.get("scope") == "local" else budget
+    if tile:
+        max_pixels = tile * tile
+    else:
+        max_pixels = max(cap / bpp, 1.0)
+    if H * W <= max_pixels and (tile is None or max(H, W) <= tile):
+        per_call = bpp * H * W
+        n = 1 if device.type == "cpu" else max(1, min(batch, int(budget // max(per_call, 1.0))))
+        return TilePlan(max(H, W), 0, 0, 1, n)
+    overlap = 2 * context + blend
+    side = tile or int(math.sqrt(max_pixels))
+    side = max(side // align * align, 2 * overlap + align)
+    tiles = [_even_tile(L, side, overlap, align) for L in (H, W) if L > side]
+    t = max(tiles) if tiles else side
+    n = 1 if device.type == "cpu" else max(1, int(budget // max(bpp * t * t, 1.0)))
+    if desc.tiling in ("discouraged", "internal") or not exact:
+        log.info("%s: tiling a %s model (%dpx tiles, context %d, blend %d); it may show faint seams",
+                 desc.architecture, cfg.get("scope", "?"), t, context, blend)
+    return TilePlan(t, context, blend, align, n)
+
+
+def _even_tile(length: int, max_tile: int, overlap: int, align: int) -> int:
+    """The smallest tile (multiple of align) covering `length` with as few tiles as `max_tile` allows."""
+    n = math.ceil((length - overlap) / max(1, max_tile - overlap))
+    t = math.ceil((length + (n - 1) * overlap) / n)
+    return min(max_tile, math.ceil(t / align) * align)

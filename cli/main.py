@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a workflow (UI or API format, or a PNG ComfyUI saved)")
     r.add_argument("workflow", help="workflow .json (canvas or API format) or a PNG carrying one")
     r.add_argument("--output", "-o", default="output", help="folder for the results (default: ./output)")
-    r.add_argument("--models", help="models root (upscale_models/, vae/, ...); default $ATELIER_MODELS or ./models")
+    r.add_argument("--models", help="models root (upscale_models/, vae/, ...); default $ATELIER_MODELS or ./user_models")
     r.add_argument("--input", help="folder LoadImage paths are relative to (default: the workflow's folder)")
     r.add_argument("--preview", help="folder for PreviewImage files (default: a temporary folder)")
     r.add_argument("--server", action="append", metavar="URL",

@@ -63,7 +63,7 @@ class GANLatent:
 
 def model_identity(desc: ModelDescriptor) -> str:
     """What makes two generators the same: architecture and source file (the module itself when it has none)."""
-    src = os.path.realpath(desc.source) if desc.source else f"module@{id(desc.model):x}"
+    src = desc.source or f"module@{id(desc.model):x}"  # the manager records the real path of the file
     return f"{desc.architecture}:{src}"
 
 
@@ -338,10 +338,16 @@ def to_unit(img: torch.Tensor, output_range: tuple[float, float]) -> torch.Tenso
     return ((img.float() - lo) / (hi - lo)).clamp_(0, 1)
 
 
-def _chunk_size(manager: ModelManager, desc: ModelDescriptor, batch: int) -> int:
+def _sample_bytes(desc: ModelDescriptor) -> float:
+    """Activation bytes of one sample at the weights' dtype (a rough upper bound)."""
     g = desc.model
     itemsize = torch.empty((), dtype=placement(g)[1]).element_size()
-    per = (desc.bytes_per_pixel or 1024.0) * g.img_resolution**2 * itemsize / 4 * 1.5  # bytes per sample
+    return (desc.bytes_per_pixel or 1024.0) * g.img_resolution**2 * itemsize / 4 * 1.5
+
+
+def _chunk_size(manager: ModelManager, desc: ModelDescriptor, batch: int, per: float) -> int:
+    if batch * per <= 256 << 20:  # small: one call, without asking the device for its free memory
+        return min(batch, MAX_CHUNK)
     return max(1, min(batch, MAX_CHUNK, int(manager.activation_budget(desc) // max(per, 1.0))))
 
 
@@ -377,7 +383,8 @@ def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, trun
     gen = torch.Generator().manual_seed(int(noise_seed)) if noise_mode == "random" else None
     fn = _sample_fn(latent, psi, truncation_cutoff, noise_mode, gen)
     n = len(latent)
-    step = chunk or _chunk_size(manager, desc, n)
+    per = _sample_bytes(desc)
+    step = chunk or _chunk_size(manager, desc, n, per)
     outs = []
     with Progress(math.ceil(n / step), "GAN sample", enabled=n > step) as bar:
         for i in range(0, n, step):
@@ -388,7 +395,7 @@ def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, trun
                 with torch.no_grad():
                     return fn(model, x, lab)
 
-            img = manager.run(desc, call)  # [b,C,H,W] in output_range
+            img = manager.run(desc, call, memory_required=int(per * x.shape[0]))  # [b,C,H,W] in output_range
             outs.append(to_unit(img, g.output_range).cpu())
             bar.update()
     return torch.cat(outs)

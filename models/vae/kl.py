@@ -494,10 +494,11 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         **cfg, "layout": layout, "downscale": f,
         "known_latent_formats": KNOWN_LATENT_FORMATS.get(cfg["latent_channels"], {}),
         "latent_scaling_applied": False,  # ComfyUI LATENT convention: unscaled latents
-        # activation bytes per latent pixel when decoding (fp32), per image pixel when encoding; after ComfyUI's
-        # estimates for the SD VAE, scaled by the base width.
-        "decode_bytes_per_latent_pixel": 2178 * 64 * 4 * base / 128,
-        "encode_bytes_per_pixel": 1767 * 4 * base / 128,
+        # activation bytes per latent pixel when decoding (fp32), per image pixel when encoding: measured peaks of the
+        # SD VAE on the CPU (decode: 8 maps of 128 channels at full resolution; encode: 6.5), scaled by the widths of
+        # the two full-resolution-most levels.
+        "decode_bytes_per_latent_pixel": f * f * 8 * 4 * cfg["ch"] * max(cfg["ch_mult"][:2]) / 2,
+        "encode_bytes_per_pixel": 6.5 * 4 * base,
     }
     decoder = cfg["has_decoder"]
     return ModelDescriptor(

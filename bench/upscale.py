@@ -3,16 +3,16 @@
     /path/to/ComfyUI/.venv/bin/python bench/upscale.py [--model FILE] [--sizes 256,512,1024] [--reps 5]
 
 Needs a real ComfyUI (its source tree and its venv; see ../shared/HOST.md): `--comfyui DIR`, else $ATELIER_COMFYUI,
-else ../comfyui beside the repository. Run with another interpreter, the script re-runs itself under
-DIR/.venv/bin/python when that exists. Without ComfyUI it says so and prints {"error": ...} as its last line.
+else ../comfyui beside the repository. Its workers run under DIR/.venv/bin/python when that exists (so any
+interpreter can start it). Without ComfyUI it says so and prints {"error": ...} as its last line.
 
 What is measured, per input size (square astronaut images, the model's own scale):
 - wall time: one worker process loads both nodes the way ComfyUI runs them (comfy imported with --cpu unless
   --gpu, our pack imported as a package, every call under torch.inference_mode) and alternates core, ours, core,
   ours ... after one warm-up call each; the median of --reps runs per node.
-- peak memory: a fresh process per node and size loads the model, notes its resident memory, runs the node once
-  and reads the peak (VmHWM after resetting it, else ru_maxrss). Reported as whole-process peak ratio and as the
-  ratio of the growth above the loaded baseline.
+- peak memory: a fresh process per node and size (--mem-reps of them, alternating, median) loads both models,
+  notes its resident memory, runs one node once and reads the peak (VmHWM after resetting it, else ru_maxrss).
+  Reported as the whole-process peak ratio and as the ratio of the growth above the loaded baseline.
 - seams (1024 input, or the largest size): both nodes' outputs against the untiled result (spandrel's call on the
   whole image, PyTorch's own convolutions), max abs difference in 1/255 units.
 Last line: one JSON object with the ratios (ours / core; below 1 is better).
@@ -119,8 +119,9 @@ def worker_time(a: argparse.Namespace) -> dict[str, Any]:
                     if rep:
                         times[which].append(time.perf_counter() - t0)
                     del res
-            out[str(size)] = {k: statistics.median(v) for k, v in times.items()} | {"runs": times}
-            print(f"  time {size}: core {out[str(size)]['core']:.2f}s  ours {out[str(size)]['ours']:.2f}s", file=sys.stderr)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            out[str(size)] = med | {"runs": times}
+            print(f"  time {size}: core {med['core']:.2f}s  ours {med['ours']:.2f}s", file=sys.stderr)
     return out
 
 
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="upscale model file (default: Real-ESRGAN Compact x4)")
     p.add_argument("--sizes", default="256,512,1024", help="input sizes (square)")
     p.add_argument("--reps", type=int, default=5, help="timed runs per node and size (median reported)")
+    p.add_argument("--mem-reps", type=int, default=3, help="fresh processes per node and size for memory (median)")
     p.add_argument("--gpu", action="store_true", help="let ComfyUI use its GPU (default --cpu)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-seams", action="store_true")
@@ -228,14 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{s:>5}px  time  core {t['core']:8.2f}s  ours {t['ours']:8.2f}s  ratio {t['ours'] / t['core']:.3f}")
     if not a.no_memory:
         for s in a.sizes:
-            m = {w: run_worker(py, "mem", a, [s], w) for w in ("core", "ours")}
+            runs = {w: [] for w in ("core", "ours")}
+            for _ in range(a.mem_reps):  # fresh processes, alternating; the allocator's peaks vary run to run
+                for w in ("core", "ours"):
+                    runs[w].append(run_worker(py, "mem", a, [s], w))
+            m = {w: {k: statistics.median(r[k] for r in v) for k in ("base", "peak")} for w, v in runs.items()}
             ratio = m["ours"]["peak"] / m["core"]["peak"]
             growth = (m["ours"]["peak"] - m["ours"]["base"]) / max(1, m["core"]["peak"] - m["core"]["base"])
             result[f"mem_ratio_{s}"] = round(ratio, 3)
             result[f"mem_growth_ratio_{s}"] = round(growth, 3)
-            print(f"{s:>5}px  peak  core {m['core']['peak'] / 2**20:8.0f}MB  ours {m['ours']['peak'] / 2**20:8.0f}MB  "
-                  f"ratio {ratio:.3f}   (growth above baseline: core {(m['core']['peak'] - m['core']['base']) / 2**20:.0f}MB"
-                  f" ours {(m['ours']['peak'] - m['ours']['base']) / 2**20:.0f}MB, ratio {growth:.3f})")
+            mb = {w: (m[w]["peak"] / 2**20, (m[w]["peak"] - m[w]["base"]) / 2**20) for w in m}
+            print(f"{s:>5}px  peak  core {mb['core'][0]:8.0f}MB  ours {mb['ours'][0]:8.0f}MB  ratio {ratio:.3f}   "
+                  f"(growth above baseline: core {mb['core'][1]:.0f}MB ours {mb['ours'][1]:.0f}MB, ratio {growth:.3f})")
     if not a.no_seams:
         s = 1024 if 1024 in a.sizes else max(a.sizes)
         seams = run_worker(py, "seams", a, [s])

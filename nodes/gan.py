@@ -87,7 +87,8 @@ class AtelierGANSample:
     def INPUT_TYPES(cls):
         return {"required": {
             "gan": _gan(),
-            "latent": (LATENT, {"tooltip": "Latents made for this generator (GAN Latent, Interpolate, Style Mix, Project)."}),
+            "latent": (LATENT, {"tooltip": "Latents made for this generator (GAN Latent, Interpolate, Style Mix, "
+                                "Project)."}),
             "truncation_psi": ("FLOAT", {"default": 0.7, "min": -2.0, "max": 2.0, "step": 0.05, "tooltip":
                                "1: no truncation; below 1: closer to the average image (cleaner, less varied); "
                                "0: the average; negative: the 'opposite'."}),

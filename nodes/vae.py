@@ -132,7 +132,7 @@ class AtelierVAEDecode:
         size = latent.get(SIZE_KEY)
         with torch.inference_mode():
             out = codec.decode(vae, latent["samples"], size=tuple(size) if size else None, tile=tile_size or None,
-                               manager=get_manager())
+                               manager=get_manager(), name="samples")
         if out.shape[1] == 1:  # a greyscale VAE (MNIST): IMAGE is RGB
             out = out.expand(-1, 3, -1, -1)
         return (bchw_to_image(out),)

@@ -52,8 +52,10 @@ class Projection:
 # target and loss
 
 
-def prepare_target(image: torch.Tensor, resolution: int, channels: int, name: str = "image") -> tuple[torch.Tensor, str]:
-    """image [B,C,H,W] in 0..1 -> [B,channels,res,res]: alpha dropped, centre-cropped to square, resized; with a note."""
+def prepare_target(image: torch.Tensor, resolution: int, channels: int, name: str = "image"
+                   ) -> tuple[torch.Tensor, str]:
+    """image [B,C,H,W] in 0..1 -> [B,channels,res,res]: alpha dropped, centre-cropped to square, resized; and a
+    note saying what was done ("" when nothing was)."""
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[0] == 0:
         got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise InputError(f"{name}: expected an image batch [B,C,H,W], got {got}")
@@ -237,8 +239,8 @@ def _best_starts(render, model, space, target, starts, k, seed, labels, c_dim, d
     cand, lab = _candidates(model, space, starts, seed, labels, c_dim, dev)
     scores = []
     with torch.no_grad():
-        for i in range(0, starts, 16):
-            img = render(cand[i : i + 16], lab[i : i + 16] if lab is not None else None)  # [n,C,H,W]
+        for i in range(0, starts, 32):
+            img = render(cand[i : i + 32], lab[i : i + 32] if lab is not None else None)  # [n,C,H,W]
             scores.append(torch.stack([projection_loss(img, t.expand_as(img)) for t in target]))  # [B,n]
     top = torch.cat(scores, 1).topk(min(k, starts), dim=1, largest=False).indices.flatten()  # [B*k]
     return cand[top].clone(), None if lab is None else lab[top].clone()
@@ -279,7 +281,8 @@ class _Problem:
         self.labels = None if self.labels is None else self.labels[rows]
 
 
-def _prune(prob: _Problem, param: torch.Tensor, opt: torch.optim.Adam, k: int) -> tuple[torch.Tensor, torch.optim.Adam, torch.Tensor]:
+def _prune(prob: _Problem, param: torch.Tensor, opt: torch.optim.Adam, k: int
+           ) -> tuple[torch.Tensor, torch.optim.Adam, torch.Tensor]:
     """Keep each target's best of its k rows (Adam's moments too). Returns (param, optimiser, kept rows)."""
     with torch.no_grad():
         loss = prob.loss(param).view(-1, k)  # [B,k], noise-free
@@ -288,7 +291,8 @@ def _prune(prob: _Problem, param: torch.Tensor, opt: torch.optim.Adam, k: int) -
     new_opt = torch.optim.Adam([new], lr=opt.param_groups[0]["lr"], betas=opt.param_groups[0]["betas"])
     state = opt.state.get(param)
     if state:
-        new_opt.state[new] = {key: (v[rows].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for key, v in state.items()}
+        new_opt.state[new] = {key: (v[rows].clone() if torch.is_tensor(v) and v.dim() > 0 else v)
+                              for key, v in state.items()}
     prob.keep(rows)
     return new, new_opt, rows
 

@@ -40,7 +40,7 @@ _GROUP_BOUNDS = (4 / 18, 8 / 18)
 MAX_CHUNK = 256
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value; compare .tensor yourself
 class GANLatent:
     """Latent codes of one generator: the GAN_LATENT socket type."""
 
@@ -78,7 +78,8 @@ def check_generator(desc: ModelDescriptor, name: str = "gan") -> torch.nn.Module
     if desc.family != "gan" or desc.purpose != "Generator":
         what = f"{desc.family} model ({desc.architecture}{', ' + desc.purpose if desc.purpose else ''})"
         hint = "; use Image-to-Image GAN for it" if desc.purpose == "ImageToImage" else ""
-        raise InputError(f"{name}: {model_name(desc)} is a {what}, not a latent generator (StyleGAN, DCGAN, MLP GAN){hint}")
+        raise InputError(f"{name}: {model_name(desc)} is a {what}, not a latent generator (StyleGAN, DCGAN, "
+                         f"MLP GAN){hint}")
     return desc.model
 
 
@@ -86,8 +87,9 @@ def check_image_to_image(desc: ModelDescriptor, name: str = "gan") -> torch.nn.M
     if not isinstance(desc, ModelDescriptor):
         raise InputError(f"{name}: expected a GAN model from Load GAN, got {type(desc).__name__}")
     if desc.family != "gan" or desc.purpose != "ImageToImage":
-        raise InputError(f"{name}: {model_name(desc)} is a {desc.family} {desc.purpose or 'model'} ({desc.architecture}), "
-                         "not an image-to-image GAN (CycleGAN/pix2pix); use GAN Latent and GAN Sample for generators")
+        raise InputError(f"{name}: {model_name(desc)} is a {desc.family} {desc.purpose or 'model'} "
+                         f"({desc.architecture}), not an image-to-image GAN (CycleGAN/pix2pix); use GAN Latent and "
+                         "GAN Sample for generators")
     return desc.model
 
 
@@ -97,9 +99,9 @@ def check_latent(latent: GANLatent, desc: ModelDescriptor, name: str = "latent")
         raise InputError(f"{name}: expected a GAN_LATENT (from GAN Latent), got {type(latent).__name__}")
     if latent.model_id != model_identity(desc):
         raise InputError(
-            f"{name}: this latent belongs to {latent.model_name} ({latent.model_id.split(':')[0]}), but the gan input is "
-            f"{model_name(desc)} ({desc.architecture}); latents only mean something to the model that made them. "
-            "Make the latent with a GAN Latent node fed by the same Load GAN"
+            f"{name}: this latent belongs to {latent.model_name} ({latent.model_id.split(':')[0]}), but the gan "
+            f"input is {model_name(desc)} ({desc.architecture}); latents only mean something to the model that made "
+            "them. Make the latent with a GAN Latent node fed by the same Load GAN"
         )
     g = desc.model
     want = [g.z_dim] if latent.space == "z" else [g.num_ws, g.w_dim]
@@ -145,7 +147,8 @@ def seeds_to_z(seed: int, batch_size: int, z_dim: int) -> torch.Tensor:  # [B,z_
     return torch.stack([torch.randn(z_dim, generator=_generator(seed + i)) for i in range(batch_size)])
 
 
-def class_labels(c_dim: int, class_label: int, seed: int, batch_size: int, what: str = "this model") -> torch.Tensor | None:
+def class_labels(c_dim: int, class_label: int, seed: int, batch_size: int, what: str = "this model"
+                 ) -> torch.Tensor | None:  # [B,c_dim]
     """One-hot labels [B,c_dim]: `class_label` for every item, or (-1) a class per item drawn from seed + i."""
     label = int(class_label)
     if c_dim == 0:
@@ -249,7 +252,8 @@ def interpolate(a: GANLatent, b: GANLatent, steps: int, method: str = "auto") ->
         raise InputError(f"steps: expected at least 2 (both ends), got {steps}")
     n = max(len(a), len(b))
     if len(a) not in (1, n) or len(b) not in (1, n):
-        raise InputError(f"latent_b: batch of {len(b)} cannot pair with latent_a's {len(a)}; give equal batches or one of 1")
+        raise InputError(f"latent_b: batch of {len(b)} cannot pair with latent_a's {len(a)}; give equal batches "
+                         "or one of 1")
     a = a.replace(tensor=a.tensor.expand(n, *a.tensor.shape[1:]),
                   labels=None if a.labels is None else a.labels.expand(n, -1))
     bt = b.tensor.expand(n, *b.tensor.shape[1:])
@@ -376,7 +380,8 @@ def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, trun
     if truncation_cutoff is not None:
         cutoff = int(truncation_cutoff)
         if g.num_ws and not 0 <= cutoff <= g.num_ws:
-            raise InputError(f"truncation_cutoff: expected 0 (all layers) .. {g.num_ws} for {model_name(desc)}, got {cutoff}")
+            raise InputError(f"truncation_cutoff: expected 0 (all layers) .. {g.num_ws} for {model_name(desc)}, "
+                             f"got {cutoff}")
         truncation_cutoff = cutoff if g.num_ws else None  # z-only models: psi scales all of z
     if g.c_dim and latent.space == "z" and latent.labels is None:
         raise InputError(f"latent: {model_name(desc)} is class-conditional but this z latent carries no class labels")

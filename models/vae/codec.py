@@ -294,15 +294,15 @@ def _kl_moments(desc, model, x, tile, manager, device, dtype) -> tuple[torch.Ten
 
 # ------------------------------------------------------------------------------------------------------ decode
 def decode(vae: VAE, latent: torch.Tensor, *, size: tuple[int, int] | None = None, tile: int | None = None,
-           manager: ModelManager | None = None) -> torch.Tensor:
+           manager: ModelManager | None = None, name: str = "latent") -> torch.Tensor:
     """Latent [B,c,h,w] -> image [B,C,h*f,w*f] in [0,1], float32 on the CPU; `size` (H, W) crops a padded encode
-    back. `tile`: tile side in image pixels (None: from the memory budget)."""
+    back. `tile`: tile side in image pixels (None: from the memory budget). `name`: the input, for messages."""
     manager = manager or get_manager()
     desc = vae.decoder
     if desc is None:
         raise InputError(f"vae: {vae.describe()} has no decoder (an encoder-only file"
                          f"{'; put its *_decoder file beside it' if vae.architecture == 'TAESD' else ''})")
-    z = check_latent(vae, latent)
+    z = check_latent(vae, latent, name)
     f = vae.downscale
     tile_latent = max(1, tile // f) if tile and vae.fixed_size is None else None
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import host
 from ..progress import Progress
 from . import kl
 
@@ -52,6 +53,7 @@ class _Runner:
     def band(self, fn: BandFn, src: torch.Tensor, a: int, b: int, margin: int, scale: int = 1,
              pad_bottom: int = 0) -> torch.Tensor:
         """fn on rows [a-margin, b+margin) of src (clipped at the image), cropped to the output rows of [a, b)."""
+        host.throw_if_interrupted()  # bands of a whole level can take a while: Cancel stops between them
         lo, hi = max(0, a - margin), min(src.shape[-2], b + margin + pad_bottom)
         out = fn(src[:, :, lo:hi].to(self.device, self.dtype))
         if scale >= 1:
@@ -71,18 +73,23 @@ def _bands(length: int, rows: int, align: int = 1) -> list[tuple[int, int]]:
 
 def _stats(run: _Runner, gn: kl.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean and variance ([1,G] each) of a whole map, summed in float64 band by band."""
-    g = gn.num_groups
-    s = torch.zeros(g, dtype=torch.float64)
-    s2 = torch.zeros(g, dtype=torch.float64)
-    rows = run.rows(x, 0)
-    for a, b in _bands(x.shape[-2], rows):
-        t = x[0, :, a:b].to(run.device).reshape(g, -1).double()  # [G,n]
-        s += t.sum(-1).cpu()
-        s2 += (t * t).sum(-1).cpu()
-    n = x[0, 0].numel() * (x.shape[1] // g)
-    mean = s / n
-    var = (s2 / n - mean * mean).clamp_min(0)
-    return mean[None].float(), var[None].float()
+    g, c = gn.num_groups, x.shape[1]
+    n = 0
+    mean = torch.zeros(c, dtype=torch.float64)
+    m2 = torch.zeros(c, dtype=torch.float64)  # sum of squared deviations, per channel
+    for a, b in _bands(x.shape[-2], run.rows(x, 0)):
+        var_b, mean_b = torch.var_mean(x[0, :, a:b].to(run.device), dim=(1, 2), correction=0)  # [C] each, stable
+        k = (b - a) * x.shape[-1]
+        mean_b, var_b = mean_b.double().cpu(), var_b.double().cpu()
+        delta = mean_b - mean
+        total = n + k
+        mean += delta * (k / total)  # Chan et al.'s pairwise update
+        m2 += var_b * k + delta * delta * (n * k / total)
+        n = total
+    var_c = m2 / n
+    mean_g = mean.view(g, -1).mean(1)  # channels of a group have equal counts
+    var_g = (var_c.view(g, -1) + (mean.view(g, -1) - mean_g[:, None]) ** 2).mean(1)
+    return mean_g[None].float(), var_g[None].float()
 
 
 @contextmanager

@@ -59,8 +59,8 @@ def main(comfy_dir: str, repo: str, models: str, image_file: str, latent_file: s
             if name.startswith("sd"):  # 128x192 pixels  # tiled decodes of a larger latent on the same weights, against untiled
                 lat = {"samples": tiled_latent}
                 full = core.VAEDecode().decode(core_vae, lat)[0]
-                core_tiled = core.VAEDecodeTiled().decode(core_vae, lat, 64, 16)[0]  # 8-latent tiles
-                our_tiled = ours.AtelierVAEDecode().decode(our_vae, lat, 64)[0]
+                core_tiled = core.VAEDecodeTiled().decode(core_vae, lat, 128, 32)[0]  # 16-latent tiles
+                our_tiled = ours.AtelierVAEDecode().decode(our_vae, lat, 128)[0]
                 res["untiled_std"] = full.std().item()
                 res["core_tiled_vs_untiled"] = diff(core_tiled, full)
                 res["ours_tiled_vs_untiled"] = diff(our_tiled, full)

@@ -68,7 +68,7 @@ def test_stylegan2_projection_in_w_and_w_plus(manager, shared_dir):
         mean = S.sample(manager, desc, lat, truncation_psi=0.0)  # the start: w_avg's image
         start_psnr = P.psnr(mean, target).item()
         for space in ("w", "w+"):
-            res = P.project(manager, desc, target, space=space, steps=60)
+            res = P.project(manager, desc, target, space=space, steps=40)
             print(f"StyleGAN2 16px projection in {space}: {res.psnr.item():.2f} dB (start {start_psnr:.2f} dB)")
             assert res.latent.space == "w" and res.latent.tensor.shape == (1, desc.model.num_ws, 64)
             assert res.psnr.item() >= max(20.0, start_psnr + 8)
@@ -154,14 +154,24 @@ def test_projection_inputs_checked(manager):
         P.project(manager, faces, target, steps=1, class_label=3)
 
 
-def test_stylegan3_projection_step_lowers_the_loss(manager, shared_dir):
-    """StyleGAN3 (filtered leaky ReLU, in-place ops, no noise inputs): gradients flow under inference mode."""
+def test_stylegan3_gradients_flow_under_inference_mode(manager, shared_dir):
+    """StyleGAN3 (filtered leaky ReLU with in-place ops, no noise inputs), loaded under inference mode as ComfyUI
+    does: the loss has a finite, non-zero gradient in w+ and a small step against it lowers the loss."""
     src = shared_dir / "golden" / "stylegan" / "sg3_t_cond_clamp_16.safetensors"
     if not src.is_file():
         pytest.skip("golden StyleGAN data missing")
     with torch.inference_mode():
         desc = add_model(manager, src, "sg3.safetensors")
         target = S.sample(manager, desc, S.make_latent(manager, desc, 5, 1, "w", class_label=1), truncation_psi=0.5)
-        res = P.project(manager, desc, target, space="w+", steps=6, starts=2, restarts=1)
-    assert res.latent.tensor.shape == (1, desc.model.num_ws, desc.model.w_dim)
-    assert res.losses[-1] < res.losses[0]
+    g = desc.model
+    with torch.inference_mode(False), torch.enable_grad():
+        render = P._renderer(g, "w+", "const")
+        p = g.w_avg.clone().view(1, 1, -1).repeat(1, g.num_ws, 1).requires_grad_(True)
+        tgt = target.clone()
+        loss = P.projection_loss(render(p, None), tgt).sum()
+        loss.backward()
+        grad = p.grad
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        with torch.no_grad():
+            stepped = P.projection_loss(render(p - 0.05 * grad / grad.norm(), None), tgt).sum()
+    assert stepped < loss.detach()

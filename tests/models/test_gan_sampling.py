@@ -281,7 +281,8 @@ def test_cyclegan_translate_equals_package_generator(manager):
     assert odd.shape == (1, 4, 30, 45)
     with pytest.raises(InputError, match=r"gan: .*not an image-to-image GAN"):
         S.translate(manager, add_model(manager, package_file("gan_face_generate", "weights.tar"), "f.tar"), x)
-    with pytest.raises(InputError, match=r"gan: vintage.pth is a gan model \(ResnetGenerator, ImageToImage\), not a latent generator.*use Image-to-Image GAN"):
+    with pytest.raises(InputError, match=r"gan: vintage.pth is a gan model \(ResnetGenerator, ImageToImage\), "
+                                         r"not a latent generator.*use Image-to-Image GAN"):
         S.make_latent(manager, desc, 0, 1)
 
 

@@ -76,7 +76,8 @@ def test_faces_sample_node_equals_package_generator(gans):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     ref = mod.Generator(ngpu=0, nc=3, nz=100, ngf=64)
-    ref.load_state_dict(torch.load(gans / "dcgan_faces_64.tar", map_location="cpu", weights_only=True)["netG_state_dict"])
+    sd = torch.load(gans / "dcgan_faces_64.tar", map_location="cpu", weights_only=True)["netG_state_dict"]
+    ref.load_state_dict(sd)
     ref.eval()
     gan = load("dcgan_faces_64.tar")
     (latent,) = run(N.AtelierGANLatent, gan=gan, seed=12, batch_size=3, space="auto", class_label=-1)
@@ -135,13 +136,13 @@ def test_style_mix_node_takes_the_chosen_groups(gans):
 
 
 def test_project_node_resizes_with_a_note(gans):
-    gan = load("dcgan_faces_64.tar")
-    photo = torch.rand(1, 100, 80, 3)  # [B,H,W,C], not the model's 64x64
+    gan = load("gan_mlp_G.ckpt")  # greyscale 28x28 digits
+    photo = torch.rand(1, 100, 80, 3)  # [B,H,W,C] RGB, not the model's size
     out = N.AtelierGANProject().project(gan=gan, image=photo, space="auto", steps=3, learning_rate=0.0,
                                         class_label=-1, seed=0)
     latent, recon, report = out["result"]
-    assert latent.space == "z" and recon.shape == (1, 64, 64, 3)
-    assert "centre-cropped to 80x80" in report and "resized from 80x80 to 64x64" in report and "PSNR" in report
+    assert latent.space == "z" and latent.tensor.shape == (1, 64) and recon.shape == (1, 28, 28, 3)
+    assert "centre-cropped to 80x80" in report and "resized from 80x80 to 28x28" in report and "PSNR" in report
     assert out["ui"]["text"] == [report]
 
 

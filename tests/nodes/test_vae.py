@@ -106,7 +106,7 @@ def test_latent_interpolate_node(models):
 
 def test_bad_input_names_what_is_wrong(models):
     vae = AtelierLoadVAE().load("vae_approx/taef2_encoder.pth")[0]
-    with pytest.raises(InputError, match=r"16 channels.*taef2_encoder\.pth.*takes 32 \(or 128 packed\)"):
+    with pytest.raises(InputError, match=r"samples: has 16 channels.*taef2_encoder\.pth.*takes 32 \(or 128 packed\)"):
         AtelierVAEDecode().decode(vae, {"samples": torch.zeros(1, 16, 8, 8)})
     with pytest.raises(InputError, match="NaN"):
         AtelierVAEDecode().decode(vae, {"samples": torch.full((1, 32, 4, 4), float("nan"))})

@@ -1,0 +1,269 @@
+"""Benchmark: VAE decoding, Atelier VAE Decode against the untiled call and core ComfyUI's VAEDecodeTiled.
+
+    python bench/vae.py [--sizes 512,2048,4096] [--models taef2,sd] [--max-cell-s 900] [--comfyui DIR]
+
+Models: TAEF2 (the real ../shared/weights/taef2 pair) and a full-size SD1 KL decoder (ch 128, ch_mult 1,2,4,4, two
+resnets per level, mid attention) with random weights, written once to a temp dir. Latents are seeded normal noise
+[1,c,S/8,S/8] (what is measured, memory and time, does not depend on their content).
+
+Variants, each in a fresh process (one cell = one model, one size, one variant):
+- ours:       Atelier Load VAE + Atelier VAE Decode, automatic tiling (TAESD: tiles with the receptive field as
+              context; KL: exact bands with whole-image GroupNorm statistics), as a node runs, inference mode.
+- untiled:    the decoder module called on the whole latent (`model.decode(z)`), no tiling at all.
+- core_tiled: core's VAELoader + VAEDecodeTiled (tile 512, overlap 64: its defaults), comfy imported with --cpu,
+              only where a ComfyUI source tree with its venv is found (--comfyui, $ATELIER_COMFYUI, ../comfyui).
+Peak memory: the process's peak resident set (VmHWM, reset after loading; ru_maxrss where that reset is not
+possible), reported whole ("peak_mb") and above the loaded baseline ("growth_mb"); wall time of the decode call.
+Cells predicted (from the same variant's smallest size, scaled by pixels) to need more than 70 % of the available
+memory or more than --max-cell-s seconds are skipped with the reason. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TAEF2_DIR = REPO.parent / "shared" / "weights" / "taef2"
+VARIANTS = ("ours", "untiled", "core_tiled")
+LATENT = {"taef2": 32, "sd": 4}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def find_comfyui(arg: str | None) -> pathlib.Path | None:
+    for cand in (arg, os.environ.get("ATELIER_COMFYUI"), str(REPO.parent / "comfyui")):
+        if cand and (pathlib.Path(cand) / "main.py").is_file() and (pathlib.Path(cand) / "comfy").is_dir():
+            return pathlib.Path(cand).resolve()
+    return None
+
+
+def comfy_python(comfy: pathlib.Path) -> str:
+    venv = comfy / ".venv" / "bin" / "python"
+    return str(venv) if venv.is_file() else sys.executable
+
+
+def _status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
+def make_models(root: pathlib.Path) -> None:
+    """models/vae_approx: the TAEF2 pair; models/vae/sd_random.safetensors: a full-size SD1 KL autoencoder."""
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(_pkg_root()))
+    from atelier.models.vae import kl
+
+    (root / "vae_approx").mkdir(parents=True, exist_ok=True)
+    (root / "vae").mkdir(parents=True, exist_ok=True)
+    for half in ("encoder", "decoder"):
+        dst = root / "vae_approx" / f"taef2_{half}.pth"
+        if not dst.exists():
+            dst.write_bytes((TAEF2_DIR / f"taef2_{half}.pth").read_bytes())
+    dst = root / "vae" / "sd_random.safetensors"
+    if not dst.exists():
+        torch.manual_seed(0)
+        model = kl.AutoencoderKL(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4, latent_channels=4)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dst))
+
+
+def _pkg_root() -> pathlib.Path:
+    """A folder holding `atelier` -> this repository, so the pack imports as a package under any interpreter."""
+    root = pathlib.Path(tempfile.gettempdir()) / f"atelier_bench_pkg_{os.getuid()}"
+    root.mkdir(exist_ok=True)
+    link = root / "atelier"
+    if not link.exists():
+        os.symlink(REPO, link)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+def worker(model: str, variant: str, size: int, models: str, comfy: str | None) -> dict[str, Any]:
+    if variant == "core_tiled":
+        sys.argv = [sys.argv[0], "--cpu"]
+        sys.path.insert(0, comfy)
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.model_management  # noqa: F401
+    sys.path.insert(0, str(_pkg_root()))
+    import torch
+
+    z = torch.randn(1, LATENT[model], size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    name = "vae_approx/taef2_decoder.pth" if model == "taef2" else "vae/sd_random.safetensors"
+    if variant == "core_tiled":
+        import folder_paths
+        import nodes as core
+
+        folder_paths.add_model_folder_path("vae", os.path.join(models, "vae"))
+        vae = core.VAELoader().load_vae(name.split("/", 1)[1])[0]
+        run = lambda: core.VAEDecodeTiled().decode(vae, {"samples": z}, 512, 64)[0]  # noqa: E731
+    else:
+        from atelier.models.manager import ModelManager, set_manager
+        from atelier.nodes import vae as ours
+
+        set_manager(ModelManager(models, device=torch.device("cpu")))
+        v = ours.AtelierLoadVAE().load(name)[0]
+        if variant == "ours":
+            run = lambda: ours.AtelierVAEDecode().decode(v, {"samples": z})[0]  # noqa: E731
+        else:
+            run = lambda: v.decoder.model.decode(z)  # noqa: E731
+    with torch.inference_mode():
+        small = {"samples": z[..., :8, :8]}  # warm-up (imports, NNPACK check, weights paged in): not measured
+        if variant == "core_tiled":
+            core.VAEDecode().decode(vae, small)
+        elif variant == "ours":
+            ours.AtelierVAEDecode().decode(v, small)
+        else:
+            v.decoder.model.decode(small["samples"])
+        base = _status("VmRSS")
+        reset = False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
+            reset = True
+        except OSError:
+            pass
+        t0 = time.perf_counter()
+        out = run()
+        wall = time.perf_counter() - t0
+    import resource
+
+    peak = _status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"wall_s": round(wall, 2), "peak_mb": round(peak / 2**20), "growth_mb": round((peak - base) / 2**20),
+            "base_mb": round(base / 2**20), "shape": list(out.shape), "peak_reset": reset}
+
+
+# ------------------------------------------------------------------------------------------------ orchestration
+def run_cell(py: str, model: str, variant: str, size: int, models: str, comfy: str | None, timeout: float) -> dict:
+    cmd = [py, __file__, "--worker", model, variant, str(size), "--models-dir", models]
+    if comfy:
+        cmd += ["--comfyui", comfy]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              cwd=comfy if variant == "core_tiled" else None)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"ran past the {timeout:.0f} s limit"}
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return {"skipped": f"worker failed (exit {proc.returncode}): {' | '.join(tail)[-500:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _predict(first: dict, first_size: int, size: int) -> tuple[float, float]:
+    """(seconds, peak MB) scaled by pixels from the variant's smallest measured cell."""
+    k = (size / first_size) ** 2
+    return first["wall_s"] * k, first["base_mb"] + first["growth_mb"] * k
+
+
+def _skip_reason(model: str, variant: str, size: int, first: dict | None, first_size: int, a) -> str | None:
+    if variant == "core_tiled" and a.comfyui is None:
+        return "no ComfyUI found (--comfyui DIR or $ATELIER_COMFYUI)"
+    if variant == "core_tiled" and model == "taef2":
+        return ("core ComfyUI's TAESD has no GroupNorm pool layers: its VAELoader cannot load TAEF2 (and lists no "
+                "taef2 pair), so there is no like-for-like core cell")
+    if first is None or "wall_s" not in first or size == first_size:
+        return None
+    secs, peak_mb = _predict(first, first_size, size)
+    if variant == "ours" and model == "taef2":
+        secs, peak_mb = secs, first["peak_mb"] + 3 * size * size * 4 * 2 / 2**20  # tiles: bounded, plus the output
+    avail = _available() / 2**20
+    if variant != "ours" and peak_mb > 0.7 * avail:
+        return f"predicted peak {peak_mb / 1024:.1f} GB > 70% of the {avail / 1024:.1f} GB available"
+    if secs > a.max_cell_s:
+        return f"predicted {secs:.0f} s > --max-cell-s {a.max_cell_s:.0f} on this machine ({os.cpu_count()} CPUs)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="512,2048,4096")
+    p.add_argument("--models", default="taef2,sd")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--max-cell-s", type=float, default=900.0, help="skip cells predicted to take longer")
+    p.add_argument("--comfyui", help="ComfyUI source tree (default $ATELIER_COMFYUI or ../comfyui)")
+    p.add_argument("--models-dir", help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, metavar=("MODEL", "VARIANT", "SIZE"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        model, variant, size = a.worker
+        print(json.dumps(worker(model, variant, int(size), a.models_dir, a.comfyui)))
+        return 0
+
+    comfy = find_comfyui(a.comfyui)
+    a.comfyui = str(comfy) if comfy else None
+    if not TAEF2_DIR.is_dir():
+        print(json.dumps({"error": f"{TAEF2_DIR} not found (../shared beside the repository)"}))
+        return 2
+    models = pathlib.Path(tempfile.gettempdir()) / f"atelier_bench_vae_{os.getuid()}"
+    make_models(models)
+    sizes = sorted(int(s) for s in a.sizes.split(",") if s.strip())
+    result: dict[str, Any] = {"device": "cpu", "cpus": os.cpu_count(), "comfyui": a.comfyui, "cells": {}}
+    print(f"VAE decode bench: sizes {sizes}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+          f"ComfyUI: {a.comfyui or 'none'}", file=sys.stderr)
+    for model in a.models.split(","):
+        for variant in a.variants.split(","):
+            py = comfy_python(comfy) if variant == "core_tiled" and comfy else sys.executable
+            first = None
+            for size in sizes:
+                reason = _skip_reason(model, variant, size, first, sizes[0], a)
+                cell = {"skipped": reason} if reason else run_cell(py, model, variant, size, str(models), a.comfyui,
+                                                                   timeout=max(a.max_cell_s * 2, 120))
+                if size == sizes[0]:
+                    first = cell
+                result["cells"].setdefault(model, {}).setdefault(str(size), {})[variant] = cell
+                print(f"  {model:6s} {size:5d} {variant:10s} {json.dumps(cell)}", file=sys.stderr)
+    result["summary"] = summarise(result["cells"], sizes)
+    print(json.dumps(result))
+    return 0
+
+
+def summarise(cells: dict, sizes: list[int]) -> dict[str, Any]:
+    """Ratios ours/untiled and ours/core_tiled per model and size (peak memory, growth, time); untiled peaks the
+    machine could not run are estimated from the smallest size (marked)."""
+    out: dict[str, Any] = {}
+    for model, by_size in cells.items():
+        first = by_size.get(str(sizes[0]), {}).get("untiled", {})
+        for size in sizes:
+            row = by_size.get(str(size), {})
+            ours = row.get("ours", {})
+            if "peak_mb" not in ours:
+                continue
+            for other in ("untiled", "core_tiled"):
+                ref = row.get(other, {})
+                key = f"{model}_{size}_vs_{other}"
+                if "peak_mb" in ref:
+                    out[key] = {"peak": round(ours["peak_mb"] / ref["peak_mb"], 3),
+                                "growth": round(ours["growth_mb"] / max(1, ref["growth_mb"]), 3),
+                                "time": round(ours["wall_s"] / max(1e-9, ref["wall_s"]), 3)}
+                elif other == "untiled" and "peak_mb" in first:
+                    est = _predict(first, sizes[0], size)
+                    out[key] = {"peak": round(ours["peak_mb"] / est[1], 3), "untiled_peak_mb_estimated": round(est[1]),
+                                "note": "untiled not run (see its cell); its peak scaled from the smallest size"}
+            out[f"{model}_{size}_ours_peak_mb"] = ours["peak_mb"]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

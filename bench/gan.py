@@ -1,6 +1,7 @@
 """GAN throughput: images/s at batch 1 and 32, ours against the reference implementations. Last line: one JSON object.
 
     python bench/gan.py [--repeats 9] [--batches 1,32] [--cyclegan-size 128] [--device cpu]
+                        [--threads N] [--clock wall|cpu]
 
 References (the registry packages' own model classes, on the same real weights, loaded by file path so the
 packages' __init__ never runs):
@@ -14,7 +15,9 @@ packages' __init__ never runs):
 "ours" is the whole path a node takes: `sampling.sample` / `sampling.translate` through the model manager (latents in,
 images in 0..1 out); "engine" is our generator module's forward alone; "reference" is the reference module's forward;
 both of the latter plus the same mapping to 0..1. Medians of interleaved runs after a warm-up, under torch.no_grad.
-"ratio" = ours / reference, "engine_ratio" = engine / reference.
+"ratio" = ours / reference, "engine_ratio" = engine / reference. On a shared machine, `--threads 1 --clock cpu`
+times the CPU each run used (time.thread_time of the one compute thread) instead of wall time, so other processes'
+load does not swamp the ratios; images/s are then per CPU second.
 """
 from __future__ import annotations
 
@@ -55,11 +58,15 @@ def module_from(path: pathlib.Path, name: str):
     return mod
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock = time.perf_counter
+
+
 def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
+    t0 = _clock()
     fn()
     sync()
-    return time.perf_counter() - t0
+    return _clock() - t0
 
 
 def compare(runs: dict[str, Callable[[], object] | None], batch: int, repeats: int, sync: Callable[[], None]) -> dict:
@@ -176,9 +183,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     ap.add_argument("--cyclegan-size", type=int, default=128, help="image side for the CycleGAN figures")
     ap.add_argument("--device", default="cpu", help="cpu (the goal's figures), cuda, mps")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--clock", choices=sorted(CLOCK), default="wall",
+                    help="wall time, or the compute thread's CPU time (needs --threads 1; for loaded machines)")
     ap.add_argument("--shared", default=os.environ.get("ATELIER_SHARED", str(REPO.parent / "shared")))
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    global _clock
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (torch.get_num_threads() != 1 or args.device != "cpu"):
+        sys.exit("bench/gan.py: --clock cpu measures one thread's CPU time; use it with --threads 1 on --device cpu")
+    _clock = CLOCK[args.clock]
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     root = pathlib.Path(tempfile.mkdtemp(prefix="atelier-bench-gan-"))
@@ -198,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {
         "device": str(dev),
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "repeats": args.repeats,
         "models": results,
         "min_ratio": min(ratios) if ratios else None,

@@ -106,6 +106,8 @@ def worker_time(a: argparse.Namespace) -> dict[str, Any]:
 
     mods = setup(a.comfyui, a.model_dir, a.gpu)
     nodes = load_nodes(mods, a.model_name)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     out: dict[str, Any] = {}
     with torch.inference_mode():
         for size in a.sizes:
@@ -178,7 +180,8 @@ def worker_seams(a: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ orchestration
 def run_worker(py: str, kind: str, a: argparse.Namespace, sizes: list[int], which: str = "") -> dict[str, Any]:
     cmd = [py, __file__, "--worker", kind, "--comfyui", a.comfyui, "--model", a.model, "--reps", str(a.reps),
-           "--sizes", ",".join(map(str, sizes))] + (["--which", which] if which else []) + (["--gpu"] if a.gpu else [])
+           "--sizes", ",".join(map(str, sizes)), "--threads", str(a.threads)]
+    cmd += (["--which", which] if which else []) + (["--gpu"] if a.gpu else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker ({which or ''} {sizes}) failed:\n{proc.stderr[-3000:]}")
@@ -194,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed runs per node and size (median reported)")
     p.add_argument("--mem-reps", type=int, default=3, help="fresh processes per node and size for memory (median)")
     p.add_argument("--gpu", action="store_true", help="let ComfyUI use its GPU (default --cpu)")
+    p.add_argument("--threads", type=int, default=0, help="pin torch's intra-op threads for both nodes in the timing "
+                   "(1: a load-independent comparison; 0: as configured, ours adapts to a busy CPU)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-seams", action="store_true")
     p.add_argument("--worker", choices=("time", "mem", "seams"), help=argparse.SUPPRESS)
@@ -223,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ComfyUI {comfy} ({py}); model {a.model_name}; sizes {a.sizes}; {a.reps} runs each; "
           f"{'GPU' if a.gpu else 'CPU'}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     times = run_worker(py, "time", a, a.sizes)
-    result: dict[str, Any] = {"model": a.model_name, "device": "gpu" if a.gpu else "cpu", "reps": a.reps}
+    result: dict[str, Any] = {"model": a.model_name, "device": "gpu" if a.gpu else "cpu", "reps": a.reps,
+                              "threads": a.threads or "default"}
     for s in a.sizes:
         t = times[str(s)]
         result[f"time_ratio_{s}"] = round(t["ours"] / t["core"], 3)

@@ -45,11 +45,11 @@ def _latent(samples: object, name: str) -> dict:
 
 
 class AtelierLoadVAE:
-    DESCRIPTION = ("Loads a VAE from models/vae or models/vae_approx: KL autoencoders (SD1/SD2/SDXL, SD3/Flux 16-channel; "
-                   "CompVis or diffusers keys, bare or inside a checkpoint), the TAESD family (taesd, taesdxl, taesd3, "
-                   "taef1, taef2) and fully connected VAEs (MNIST). A TAESD *_encoder or *_decoder file brings its "
-                   "companion from the same folder, so either name gives the whole autoencoder. Files are read safely "
-                   "(no code in them runs).")
+    DESCRIPTION = ("Loads a VAE from models/vae or models/vae_approx: KL autoencoders (SD1/SD2/SDXL, SD3/Flux "
+                   "16-channel; CompVis or diffusers keys, bare or inside a checkpoint), the TAESD family (taesd, "
+                   "taesdxl, taesd3, taef1, taef2) and fully connected VAEs (MNIST). A TAESD *_encoder or *_decoder "
+                   "file brings its companion from the same folder, so either name gives the whole autoencoder. "
+                   "Files are read safely (no code in them runs).")
     CATEGORY = CATEGORY
     RETURN_TYPES = (VAE_TYPE,)
     RETURN_NAMES = ("vae",)
@@ -70,8 +70,8 @@ class AtelierLoadVAE:
 
 class AtelierVAEEncode:
     DESCRIPTION = ("Encodes images to a LATENT (unscaled latents, core's convention): the posterior mean, or a draw "
-                   "from the posterior with a seed (KL and fully connected VAEs; TAESD is deterministic). Sides that are "
-                   "not multiples of 8 are padded and cropped back by Atelier VAE Decode. Large images are tiled "
+                   "from the posterior with a seed (KL and fully connected VAEs; TAESD is deterministic). Sides that "
+                   "are not multiples of 8 are padded and cropped back by Atelier VAE Decode. Large images are tiled "
                    "automatically; alpha is dropped.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
@@ -108,9 +108,9 @@ class AtelierVAEEncode:
 
 class AtelierVAEDecode:
     DESCRIPTION = ("Decodes a LATENT to images. Takes latents from Atelier VAE Encode/Sample, core's VAE Encode or a "
-                   "sampler (unscaled, core's convention); TAEF2 also takes FLUX.2's packed 128-channel layout. A latent "
-                   "whose channels do not match the VAE, or with NaN values, is an error. Large images are decoded in "
-                   "tiles or bands automatically; a half-precision overflow is redone in float32.")
+                   "sampler (unscaled, core's convention); TAEF2 also takes FLUX.2's packed 128-channel layout. A "
+                   "latent whose channels do not match the VAE, or with NaN values, is an error. Large images are "
+                   "decoded in tiles or bands automatically; a half-precision overflow is redone in float32.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)

@@ -25,7 +25,7 @@ from ..descriptor import ModelDescriptor
 from ..errors import InputError
 from ..manager import ModelManager, get_manager, placement
 from ..tiling import match_channels, split_alpha, tiled_apply
-from .cpu_conv import fast_cpu_convs
+from .cpu_conv import cpu_threads, fast_cpu_convs
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def run_model(desc: ModelDescriptor, x: torch.Tensor, *, tile: int | None = None
         device, dtype = placement(model)
         plan = tile_plan(desc, x.shape[-2], x.shape[-1], x.shape[0], device, dtype, tile, manager)
         cpu32 = device.type == "cpu" and dtype == torch.float32
-        with torch.inference_mode(), fast_cpu_convs(model, enabled=cpu32):
+        with torch.inference_mode(), cpu_threads(device.type == "cpu"), fast_cpu_convs(model, enabled=cpu32):
             return tiled_apply(call, x, scale=int(desc.scale), out_channels=desc.out_channels, tile=plan.tile,
                                context=plan.context, blend=plan.blend, align=plan.align, max_batch=plan.max_batch,
                                device=device, dtype=dtype, progress=progress)

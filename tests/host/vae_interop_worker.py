@@ -56,7 +56,7 @@ def main(comfy_dir: str, repo: str, models: str, image_file: str, latent_file: s
                 "ours_decode_of_core": diff(ours.AtelierVAEDecode().decode(our_vae, core_lat)[0], core_of_core),
                 "image_std": core_of_core.std().item(),
             }
-            if name.startswith("sd"):  # 128x192 pixels  # tiled decodes of a larger latent on the same weights, against untiled
+            if name.startswith("sd"):  # tiled decodes of a 128x192 image on the same weights, against untiled
                 lat = {"samples": tiled_latent}
                 full = core.VAEDecode().decode(core_vae, lat)[0]
                 core_tiled = core.VAEDecodeTiled().decode(core_vae, lat, 128, 32)[0]  # 16-latent tiles

@@ -39,11 +39,11 @@ def test_dcgan_faces_projection_recovers_its_own_images(manager):
     with torch.inference_mode():
         faces = add_model(manager, src, "faces.tar")
         assert next(faces.model.parameters()).is_inference()
-        lat = S.make_latent(manager, faces, seed=90210, batch_size=2)  # seeds far from the start search's
-        target = S.sample(manager, faces, lat, truncation_psi=1.0)  # [2,3,64,64]
-        res = P.project(manager, faces, target, steps=150)
+        lat = S.make_latent(manager, faces, seed=90210, batch_size=1)  # seeds far from the start search's
+        target = S.sample(manager, faces, lat, truncation_psi=1.0)  # [1,3,64,64]
+        res = P.project(manager, faces, target, steps=100, starts=64, restarts=4)
     print(f"DCGAN faces projection PSNR: {[round(v, 2) for v in res.psnr.tolist()]} dB (goal >= {PSNR_GOAL})")
-    assert res.latent.space == "z" and res.latent.tensor.shape == (2, 100)
+    assert res.latent.space == "z" and res.latent.tensor.shape == (1, 100)
     assert res.psnr.min().item() >= PSNR_GOAL
     # the report is honest: re-rendering the latent through GAN Sample gives the same picture and PSNR
     again = S.sample(manager, faces, res.latent, truncation_psi=1.0)
@@ -51,7 +51,7 @@ def test_dcgan_faces_projection_recovers_its_own_images(manager):
     assert torch.allclose(P.psnr(again, target), res.psnr, atol=0.01)
     assert res.losses[-1] < res.losses[0] and "PSNR" in res.note
     # control: a random face of the same model is far from the target (the metric separates)
-    other = S.sample(manager, faces, S.make_latent(manager, faces, seed=1, batch_size=2), truncation_psi=1.0)
+    other = S.sample(manager, faces, S.make_latent(manager, faces, seed=1, batch_size=1), truncation_psi=1.0)
     assert P.psnr(other, target).max().item() < PSNR_GOAL - 8
 
 

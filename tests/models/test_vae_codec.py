@@ -120,7 +120,7 @@ def test_kl_banded_equals_untiled_where_independent_tiles_do_not(manager, models
     banded = codec.decode(vae, z, tile=128, manager=manager)  # bands of about 128x128 pixels' worth of memory
     mean, worst = _diff(banded, full)
     assert mean <= 3 and worst <= 12, (mean, worst)
-    assert worst <= 0.5  # in fact exact up to float rounding
+    assert worst <= 1  # in fact exact up to the float16 rounding of the whole-image maps
     assert not caplog.records  # no fallback
     # what independent tiles give on the same weights (core's way; its three offset passes only average this)
     with torch.no_grad():
@@ -131,10 +131,24 @@ def test_kl_banded_equals_untiled_where_independent_tiles_do_not(manager, models
     x = _astronaut(96, 64)
     mean_full, logvar_full = model.moments(x)
     z_banded = codec.encode(vae, x, tile=16, manager=manager)
-    assert (z_banded - mean_full).abs().max().item() < 1e-4 * max(1.0, mean_full.abs().max().item())
+    scale = mean_full.abs().max().item()
+    assert (z_banded - mean_full).abs().max().item() < 3e-3 * scale  # float16 maps: about 1e-3 relative
     draw = codec.encode(vae, x, sample=True, seed=7, tile=16, manager=manager)
     eps = torch.randn(mean_full.shape, generator=torch.Generator().manual_seed(7))
-    assert torch.allclose(draw, mean_full + torch.exp(0.5 * logvar_full) * eps, atol=1e-4)
+    assert torch.allclose(draw, mean_full + torch.exp(0.5 * logvar_full) * eps, atol=5e-3 * scale)
+
+
+def test_kl_bands_keep_float32_maps_where_float16_overflows(manager, models_root, caplog):
+    sd = _small_kl()
+    sd["post_quant_conv.weight"] = sd["post_quant_conv.weight"] * 3e4  # activations past float16's 65504
+    vae = _vae(manager, models_root, "hot_bands.safetensors", sd)
+    z = torch.randn(1, 4, 40, 32)
+    with torch.no_grad():
+        full = vae.decoder.model.decode(z)
+    caplog.set_level(logging.INFO)
+    banded = codec.decode(vae, z, tile=64, manager=manager)
+    assert "exceed float16" in caplog.text
+    assert _diff(banded, full)[1] <= 0.5
 
 
 def test_kl_automatic_tiling_and_fallback(models_root, caplog):
@@ -148,7 +162,7 @@ def test_kl_automatic_tiling_and_fallback(models_root, caplog):
     tight = ModelManager(str(models_root), device=torch.device("cpu"))
     tight.activation_budget = lambda desc: 24 << 20  # the memory budget demands tiles, and has room for bands
     got = codec.decode(codec.load_vae("kl.safetensors", manager=tight), z, manager=tight)
-    assert _diff(got, ref)[1] <= 0.5
+    assert _diff(got, ref)[1] <= 1
     tight.activation_budget = lambda desc: 2 << 20  # no room for whole-image maps: independent tiles, said so
     caplog.set_level(logging.WARNING)
     approx = codec.decode(codec.load_vae("kl.safetensors", manager=tight), z, manager=tight)

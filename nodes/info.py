@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 from ..models.manager import FOLDERS, get_manager
-from .common import model_choices
 
 
 class AtelierModelInfo:

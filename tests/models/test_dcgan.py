@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
-import types
 
 import pytest
 import torch
@@ -19,29 +18,9 @@ from atelier.models.errors import InputError
 from atelier.models.gan import dcgan, mlp, pix2pix
 from atelier.models.loading import read_state_dict
 from atelier.models.registry import detect
+from helpers_packages import package_file, package_module  # tests/ is on pytest's pythonpath
 
 TOL = 1e-5
-
-
-def package_file(package: str, relpath: str) -> pathlib.Path:
-    """A file inside an installed package, found without importing (running) the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{package} is not installed (pip install --no-deps {package.replace('_', '-')})")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / relpath
-    if not path.is_file():
-        pytest.skip(f"{package} has no {relpath}")
-    return path
-
-
-def package_module(package: str, relpath: str) -> types.ModuleType:
-    """Load one module file of a package by path, so its __init__ (which loads weights at import) never runs."""
-    path = package_file(package, relpath)
-    spec = importlib.util.spec_from_file_location(f"_ref_{package}_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def roundtrip(tmp_path: pathlib.Path, sd: dict, metadata: dict | None = None):

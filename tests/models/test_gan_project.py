@@ -3,7 +3,6 @@ equals scikit-image's SSIM, targets are prepared with a note, progress stops on 
 the way ComfyUI runs nodes (under torch.inference_mode, with the model loaded there too)."""
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import shutil
 
@@ -14,18 +13,9 @@ from atelier.models import host
 from atelier.models.errors import InputError
 from atelier.models.gan import project as P
 from atelier.models.gan import sampling as S
+from helpers_packages import package_file  # tests/ is on pytest's pythonpath
 
 PSNR_GOAL = 25.0  # dB, the issue's goal for projecting an image the model generated itself
-
-
-def package_file(package: str, relpath: str) -> pathlib.Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{package} is not installed (pip install --no-deps {package.replace('_', '-')})")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / relpath
-    if not path.is_file():
-        pytest.skip(f"{package} has no {relpath}")
-    return path
 
 
 def add_model(manager, src: pathlib.Path, name: str):

@@ -3,9 +3,7 @@ reference classes built here; receptive field and tiling properties."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import pathlib
-import types
 
 import pytest
 import torch
@@ -15,28 +13,9 @@ from torch import nn
 from atelier.models.errors import InputError
 from atelier.models.loading import read_state_dict
 from atelier.models.registry import detect
+from helpers_packages import package_file, package_module  # tests/ is on pytest's pythonpath
 
 TOL = 1e-5
-
-
-def package_file(package: str, relpath: str) -> pathlib.Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{package} is not installed (pip install --no-deps {package})")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / relpath
-    if not path.is_file():
-        pytest.skip(f"{package} has no {relpath}")
-    return path
-
-
-def package_module(package: str, relpath: str) -> types.ModuleType:
-    """One module file of a package, loaded by path: vintagify's __init__ pulls in matplotlib and its inference code."""
-    path = package_file(package, relpath)
-    spec = importlib.util.spec_from_file_location(f"_ref_{package}_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def roundtrip(tmp_path: pathlib.Path, sd: dict):

@@ -14,16 +14,7 @@ from atelier.models.gan.sampling import to_w
 from atelier.models.manager import get_manager
 from atelier.nodes import NODE_CLASS_MAPPINGS
 from atelier.nodes import gan as N
-
-
-def package_file(package: str, relpath: str) -> pathlib.Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{package} is not installed (pip install --no-deps {package.replace('_', '-')})")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / relpath
-    if not path.is_file():
-        pytest.skip(f"{package} has no {relpath}")
-    return path
+from helpers_packages import package_file  # tests/ is on pytest's pythonpath
 
 
 def run(node_cls, **kwargs):

@@ -47,9 +47,11 @@ class _Runner:
         self.progress = progress
 
     def rows(self, x: torch.Tensor, out_channels: int, scale: float = 1) -> int:
-        """Band height (input rows) whose working set (input, two outputs, fp32) fits `band_bytes`; at least 2."""
+        """Band height (input rows) whose working set fits `band_bytes`; at least 2. Measured on a resnet band: the
+        input twice (a float32 copy, its normalised copy) and about six outputs' worth (convolutions, shortcut, sum,
+        the band held back one step, the overflow check), float32."""
         width = x.shape[-1]
-        per_row = width * 4 * (x.shape[1] + 3 * out_channels * scale * scale)
+        per_row = width * 4 * (2 * x.shape[1] + 6 * out_channels * scale * scale)
         return max(2, int(self.band_bytes // max(per_row, 1.0)))
 
     def band(self, fn: BandFn, src: torch.Tensor, a: int, b: int, margin: int, scale: int = 1,
@@ -95,8 +97,10 @@ def _stats(run: _Runner, gn: kl.GroupNorm, x: torch.Tensor) -> tuple[torch.Tenso
     n = 0
     mean = torch.zeros(c, dtype=torch.float64)
     m2 = torch.zeros(c, dtype=torch.float64)  # sum of squared deviations, per channel
-    for a, b in _bands(x.shape[-2], run.rows(x, 0)):
-        var_b, mean_b = torch.var_mean(x[0, :, a:b].to(run.device), dim=(1, 2), correction=0)  # [C] each, stable
+    for a, b in _bands(x.shape[-2], max(1, run.rows(x, 0) // 3)):  # a float32 copy and the kernel's temporaries
+        band = x[0, :, a:b].to(run.device, torch.float32)
+        var_b, mean_b = torch.var_mean(band, dim=(1, 2), correction=0)  # [C] each, numerically stable
+        del band
         k = (b - a) * x.shape[-1]
         mean_b, var_b = mean_b.double().cpu(), var_b.double().cpu()
         delta = mean_b - mean
@@ -121,6 +125,21 @@ def _fixed(gn: kl.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor]) -> Iterat
 
 def _norm_act(gn: kl.GroupNorm) -> BandFn:
     return lambda t: F.silu(gn(t), inplace=True)
+
+
+def _mid(mid: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The middle block on the whole latent [1,C,h,w]: as `mid(x)`, with attention through the memory-efficient
+    kernel (contiguous q/k/v; strided ones fall back to a kernel that materialises the (hw)^2 weights)."""
+    x = mid.block_1(x)
+    attn = mid.attn_1
+    if isinstance(attn, kl.AttnBlock):
+        b, c, h, w = x.shape
+        hn = attn.norm(x)
+        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for t in (attn.q(hn), attn.k(hn), attn.v(hn)))
+        del hn
+        a = F.scaled_dot_product_attention(q, k, v)  # [1,1,hw,C]
+        x = x + attn.proj_out(a.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
+    return mid.block_2(x)
 
 
 def _resblock(run: _Runner, blk: kl.ResnetBlock, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +228,7 @@ def decode(model: kl.AutoencoderKL, z: torch.Tensor, *, device: torch.device, dt
         h = zi.to(device, dtype)
         if model.post_quant_conv is not None:
             h = model.post_quant_conv(h)
-        mid = D.mid(D.conv_in(h))  # [1,Cm,h,w]: attention over the whole latent
+        mid = _mid(D.mid, D.conv_in(h))  # [1,Cm,h,w]: attention over the whole latent
         x = run.empty(*mid.shape)
         run.put(x, 0, x.shape[-2], mid)
         del h, mid
@@ -253,7 +272,7 @@ def moments(model: kl.AutoencoderKL, x: torch.Tensor, *, device: torch.device, d
             if down is not None:
                 h = _downsample(run, down, h)
             run.tick()
-        t = E.mid(h.to(device, dtype))  # [1,Cm,h,w]: attention over the whole latent
+        t = _mid(E.mid, h.to(device, dtype))  # [1,Cm,h,w]: attention over the whole latent
         t = E.conv_out(F.silu(E.norm_out(t), inplace=True))
         if model.quant_conv is not None:
             t = model.quant_conv(t)

@@ -197,3 +197,18 @@ def test_broken_weights_name_the_file(manager, models_root, real):
     torch.save(sd, models_root / "upscale_models" / "broken.pth")
     with pytest.raises(ModelLoadError, match="broken.pth"):
         manager.load("broken.pth", "upscale_models")
+
+
+def test_cpu_threads_yield_to_a_busy_machine(monkeypatch):
+    from atelier.models.upscale import cpu_conv
+
+    n = torch.get_num_threads()
+    if n < 2:
+        pytest.skip("torch runs with one intra-op thread here")
+    monkeypatch.setattr(cpu_conv, "_runnable_elsewhere", lambda: 64)  # far more runnable threads than cores
+    with cpu_conv.cpu_threads() as k:
+        assert k == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n
+    monkeypatch.setattr(cpu_conv, "_runnable_elsewhere", lambda: 0)  # idle: unchanged
+    with cpu_conv.cpu_threads() as k:
+        assert k == n and torch.get_num_threads() == n

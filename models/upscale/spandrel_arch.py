@@ -211,14 +211,17 @@ def conv_bound(model: torch.nn.Module) -> int:
 
 
 def _window(model: torch.nn.Module) -> int:
-    """Attention window size (tiles must start on the window grid), 1 when the model has none."""
-    for name in ("window_size", "split_size"):
-        w = getattr(model, name, None)
-        if isinstance(w, int) and w > 0:
-            return w
-        if isinstance(w, (tuple, list)) and w and all(isinstance(v, int) and v > 0 for v in w):
-            return functools.reduce(_lcm, w)
-    return 1
+    """Attention window size (tiles must start on the window grid): the lcm of the windows of all layers (capped),
+    1 when the model has none."""
+    found = 1
+    for m in model.modules():
+        for name in ("window_size", "split_size"):
+            w = getattr(m, name, None)
+            sizes = [w] if isinstance(w, int) else list(w) if isinstance(w, (tuple, list)) else []
+            for v in sizes:
+                if isinstance(v, int) and 0 < v <= 64:
+                    found = _lcm(found, v)
+    return found if found <= 64 else 1
 
 
 def _features(model: torch.nn.Module) -> int:

@@ -55,3 +55,21 @@ def manager(models_root):
     m.set_manager(fresh)
     yield fresh
     m.set_manager(None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: OpenMP fan-out costs more than it gains (up to 20x slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def golden(shared_dir) -> pathlib.Path:
+    """../shared/golden/stylegan: NVIDIA's StyleGAN outputs on random weights (README inside)."""
+    d = shared_dir / "golden" / "stylegan"
+    if not d.is_dir():
+        pytest.skip("shared/golden/stylegan missing")
+    return d

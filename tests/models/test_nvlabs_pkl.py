@@ -30,20 +30,7 @@ HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_forward_h
          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def golden(shared_dir):
-    d = shared_dir / "golden" / "stylegan"
-    if not d.is_dir():
-        pytest.skip("shared/golden/stylegan missing")
-    return d
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,21 +21,7 @@ SG2 = ["sg2_skip_32", "sg2_cond_16", "sg2_resnet_16", "sg2_orig_16", "sg2_clamp_
 TOL = 1e-4  # max abs, the goal for every golden tensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: OpenMP fan-out costs more than it gains (20x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def golden(shared_dir):
-    d = shared_dir / "golden" / "stylegan"
-    if not d.is_dir():
-        pytest.skip("shared/golden/stylegan missing")
-    return d
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_golden(golden, name):

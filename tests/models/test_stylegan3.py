@@ -17,21 +17,7 @@ SG3 = ["sg3_t_32", "sg3_r_32", "sg3_t_cond_clamp_16"]
 TOL = 1e-4  # max abs, the goal for every golden tensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: OpenMP fan-out costs more than it gains (20x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def golden(shared_dir):
-    d = shared_dir / "golden" / "stylegan"
-    if not d.is_dir():
-        pytest.skip("shared/golden/stylegan missing")
-    return d
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

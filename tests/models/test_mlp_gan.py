@@ -1,10 +1,8 @@
 """MLP GAN generators: real MNIST digits judged by the LeNet classifier; random layouts equal a reference built here."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
-import sys
 
 import pytest
 import torch
@@ -17,19 +15,7 @@ from atelier.models.loading import read_state_dict
 from atelier.models.registry import detect
 
 
-def _helpers():
-    """tests/helpers_mnist.py, loaded by path (tests are not a package; pytest runs with --import-mode=importlib)."""
-    if "helpers_mnist" not in sys.modules:
-        path = pathlib.Path(__file__).resolve().parents[1] / "helpers_mnist.py"
-        spec = importlib.util.spec_from_file_location("helpers_mnist", path)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["helpers_mnist"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["helpers_mnist"]
-
-
-helpers_mnist = _helpers()
+import helpers_mnist  # tests/ is on pytest's pythonpath
 
 TOL = 1e-5
 CONFIDENCE_GOAL = 0.95  # reference implementation: 0.979 on 1000 samples

@@ -2,31 +2,17 @@
 and equality with the PyTorch-examples VAE written out here."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import helpers_mnist  # tests/ is on pytest's pythonpath
 from atelier.models.errors import InputError
 from atelier.models.loading import read_state_dict
 from atelier.models.registry import detect as registry_detect
 from atelier.models.vae import fc, kl, taesd
-
-
-def _helpers():
-    """tests/helpers_mnist.py, loaded by path (tests are not a package; pytest runs with --import-mode=importlib)."""
-    if "helpers_mnist" not in sys.modules:
-        path = pathlib.Path(__file__).resolve().parents[1] / "helpers_mnist.py"
-        spec = importlib.util.spec_from_file_location("helpers_mnist", path)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["helpers_mnist"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["helpers_mnist"]
 
 
 class ReferenceVAE(nn.Module):
@@ -53,7 +39,7 @@ def vae_file(shared_dir):
 @torch.no_grad()
 def test_reconstructs_mnist_digits(vae_file, shared_dir):
     """Reference over the 10k test digits: 20.6 dB, 97.2 % still classified right."""
-    helpers = _helpers()
+    helpers = helpers_mnist
     desc = registry_detect(*vae_file, source="vae_fc.pth")
     assert desc.family == "vae" and desc.architecture == "FC-VAE"
     model = desc.model

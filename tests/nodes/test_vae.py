@@ -3,30 +3,17 @@ the nodes, odd sizes cropped back, the MNIST VAE as a generator judged by the Le
 batches, and errors that name what is wrong."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+import helpers_mnist  # tests/ is on pytest's pythonpath
 from atelier.models.errors import InputError
 from atelier.models.vae import codec
 from atelier.nodes.vae import (AtelierLatentInterpolate, AtelierLoadVAE, AtelierVAEDecode, AtelierVAEEncode,
                                AtelierVAESample)
-
-
-def _helpers():
-    """tests/helpers_mnist.py, loaded by path (tests are not a package)."""
-    if "helpers_mnist" not in sys.modules:
-        path = pathlib.Path(__file__).resolve().parents[1] / "helpers_mnist.py"
-        spec = importlib.util.spec_from_file_location("helpers_mnist", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["helpers_mnist"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["helpers_mnist"]
 
 
 @pytest.fixture
@@ -80,7 +67,7 @@ def test_mnist_vae_as_a_generator(models, shared_dir):
     assert latent["samples"].shape == (200, 20, 1, 1) and "atelier_image_size" not in latent
     images = AtelierVAEDecode().decode(vae, latent)[0]
     assert images.shape == (200, 28, 28, 3)  # greyscale VAE, RGB IMAGE
-    helpers = _helpers()
+    helpers = helpers_mnist
     net = helpers.load_lenet(shared_dir)
     conf = helpers.class_probabilities(net, images[..., :1].movedim(-1, 1)).amax(1).mean().item()
     noise = helpers.class_probabilities(net, torch.rand(200, 1, 28, 28)).amax(1).mean().item()

@@ -1,7 +1,7 @@
 """GAN throughput: images/s at batch 1 and 32, ours against the reference implementations. Last line: one JSON object.
 
     python bench/gan.py [--repeats 9] [--batches 1,32] [--cyclegan-size 128] [--device cpu]
-                        [--threads N] [--clock wall|cpu]
+                        [--threads N] [--clock wall|cpu] [--only dcgan,mlp]
 
 References (the registry packages' own model classes, on the same real weights, loaded by file path so the
 packages' __init__ never runs):
@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--clock", choices=sorted(CLOCK), default="wall",
                     help="wall time, or the compute thread's CPU time (needs --threads 1; for loaded machines)")
+    ap.add_argument("--only", default="", help="comma-separated name parts: bench only the matching models "
+                    "(dcgan, mlp, stylegan, cyclegan)")
     ap.add_argument("--shared", default=os.environ.get("ATELIER_SHARED", str(REPO.parent / "shared")))
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -202,11 +204,15 @@ def main(argv: list[str] | None = None) -> dict:
         (root / "gans").mkdir()
         manager = ModelManager(str(root), device=dev, offload_device=dev)
         entries = setups(root, pathlib.Path(args.shared), args)
-        if not entries:
+        only = [o for o in args.only.split(",") if o]
+        picked = lambda name: not only or any(o in name for o in only)  # noqa: E731
+        entries = [e for e in entries if picked(e[0])]
+        if not entries and not picked("cyclegan_vintage"):
             sys.exit("bench/gan.py: no GAN weights found (pip install --no-deps gan-face-generate==1.1.1 "
                      "omniart-eye-generator==0.1 vintagify==0.1.2; ../shared/weights)")
         results = bench_generators(manager, entries, args, dev, sync)
-        results.update(bench_cyclegan(manager, args, dev, sync))
+        if picked("cyclegan_vintage"):
+            results.update(bench_cyclegan(manager, args, dev, sync))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     ratios = [v["ratio"] for row in results.values() for v in row.values() if "ratio" in v]

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,11 +33,23 @@ FOLDERS = ("upscale_models", "vae", "vae_approx", "checkpoints", "diffusion_mode
 ENV_MODELS = "ATELIER_MODELS"
 
 
+# module -> (sub-module, parameter name) of its first floating parameter: a lookup instead of a walk per call.
+# The parameter is read back from its owner each time, so moves, casts and swapped parameters are seen.
+_PROBES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.nn.Module, str]]" = weakref.WeakKeyDictionary()
+
+
 def placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """(device, floating dtype) of a module's weights: move inputs there before calling it."""
-    for p in model.parameters():
-        if p.is_floating_point():
+    probe = _PROBES.get(model)
+    if probe is not None:
+        p = probe[0]._parameters.get(probe[1])
+        if p is not None and p.is_floating_point():
             return p.device, p.dtype
+    for mod in model.modules():
+        for name, p in mod._parameters.items():
+            if p is not None and p.is_floating_point():
+                _PROBES[model] = (mod, name)
+                return p.device, p.dtype
     return torch.device("cpu"), torch.float32
 
 
@@ -229,6 +242,13 @@ class ModelManager:
     @contextmanager
     def use(self, desc: ModelDescriptor, memory_required: int | None = None) -> Iterator[torch.nn.Module]:
         """The module on the compute device for the duration of the block (it stays there, evictable, after)."""
+        entry = self._acquire(desc, memory_required)
+        try:
+            yield desc.model
+        finally:
+            self._release(entry)
+
+    def _acquire(self, desc: ModelDescriptor, memory_required: int | None) -> _Entry:
         entry = self._entry(desc) or self._entry(self.adopt(desc))
         need = memory_required if memory_required is not None else desc.memory_estimate(dtype=entry.dtype)
         with self._lock:
@@ -241,12 +261,12 @@ class ModelManager:
             except BaseException:
                 entry.in_use -= 1
                 raise
-        try:
-            yield desc.model
-        finally:
-            with self._lock:
-                entry.in_use -= 1
-                entry.last_used = time.monotonic()
+        return entry
+
+    def _release(self, entry: _Entry) -> None:
+        with self._lock:
+            entry.in_use -= 1
+            entry.last_used = time.monotonic()
 
     def _place(self, entry: _Entry) -> None:
         dev = self.compute_device
@@ -270,8 +290,11 @@ class ModelManager:
 
     def run(self, desc: ModelDescriptor, fn: Callable[[torch.nn.Module], Any], memory_required: int | None = None) -> Any:
         """`fn(model)` on the compute device; a half-precision result with NaN/Inf is recomputed in fp32."""
-        with self.use(desc, memory_required) as model:
-            out = fn(model)
+        entry = self._acquire(desc, memory_required)  # use() inlined: this runs once per node call
+        try:
+            out = fn(desc.model)
+        finally:
+            self._release(entry)
         dtype = placement(desc.model)[1]
         if dtype != torch.float32 and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
             log.warning("%s: %s output had NaN/Inf; recomputing in float32", os.path.basename(desc.source),

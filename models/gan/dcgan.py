@@ -13,8 +13,11 @@ Networks" (the layout of the PyTorch DCGAN tutorial). Everything is read from th
 
 The module also holds `LatentGenerator`, the latent-generator contract shared with the MLP GAN and matching the
 StyleGAN one in `latent.py`: attributes z_dim, c_dim, w_dim=None, num_ws=0, img_resolution, img_channels,
-output_range, and `forward(z, c=None, truncation_psi=1, truncation_cutoff=None, noise_mode="const", generator=None)
--> [B,C,H,W]`. Without a mapping network, truncation scales z toward its mean (0): z * psi.
+output_range, and `forward(z, c=None, truncation_psi=1, truncation_cutoff=None, noise_mode="const", generator=None,
+unit=False) -> [B,C,H,W]`. Without a mapping network, truncation scales z toward its mean (0): z * psi.
+
+At load the eval-mode BatchNorms are folded into the convolutions before them and the weights are kept channels-last
+(fewer passes over memory; oneDNN and tensor cores prefer NHWC); `unit=True` maps the tanh head straight to [0,1].
 """
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
+from ..manager import placement
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ _MAX_GUESSED_CLASSES = 1000
 _BN_KEYS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 _NUM = re.compile(r"^\d+$")
 NOISE_MODES = ("const", "random", "none")  # the StyleGAN contract's values (models/gan/latent.py)
+HEADS = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0)}  # output activation -> output_range
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,17 +61,24 @@ class LatentGenerator(nn.Module):
         c_dim: int,  # number of classes (0 = unconditional)
         img_resolution: int,  # output side in pixels
         img_channels: int,  # output channels
-        output_range: tuple[float, float] = (-1.0, 1.0),  # value range of the output image
+        output_activation: str = "tanh",  # the head: "tanh" -> [-1,1], "sigmoid" -> [0,1]
     ) -> None:
         super().__init__()
+        if output_activation not in HEADS:
+            raise ValueError(f"output_activation: expected one of {sorted(HEADS)}, got {output_activation!r}")
         self.z_dim = int(z_dim)
         self.c_dim = int(c_dim)
         self.img_resolution = int(img_resolution)
         self.img_channels = int(img_channels)
-        self.output_range = (float(output_range[0]), float(output_range[1]))
+        self.output_activation = output_activation
+        self.output_range = HEADS[output_activation]
 
-    def _reference(self) -> torch.Tensor:
-        return next(self.parameters())
+    def head(self, x: torch.Tensor, unit: bool) -> torch.Tensor:
+        """The output activation on the last layer's fresh result, in place (relu_/tanh_/sigmoid_ keep autograd:
+        their backward reads the output). unit=True gives [0,1] directly: (tanh x + 1) / 2 = sigmoid(2x)."""
+        if self.output_activation == "sigmoid":
+            return x.sigmoid_()
+        return x.mul_(2).sigmoid_() if unit else x.tanh_()
 
     def check_inputs(self, z: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Validate z [B,z_dim] (or [B,z_dim,1,1]) and c [B,c_dim]; cast both to the weights' device and dtype."""
@@ -76,8 +88,8 @@ class LatentGenerator(nn.Module):
             z = z.flatten(1)
         if z.dim() != 2 or z.shape[1] != self.z_dim:
             raise InputError(f"z: expected [B,{self.z_dim}], got {list(z.shape)}")
-        ref = self._reference()
-        z = z.to(device=ref.device, dtype=ref.dtype)
+        dev, dtype = placement(self)
+        z = z.to(device=dev, dtype=dtype)
         if self.c_dim == 0:
             if c is not None and c.numel() > 0:
                 raise InputError(f"c: this generator is unconditional (c_dim=0), got a label tensor {list(c.shape)}")
@@ -86,7 +98,7 @@ class LatentGenerator(nn.Module):
             raise InputError(f"c: this generator is class-conditional; expected one-hot [B,{self.c_dim}], got None")
         if c.dim() != 2 or c.shape[1] != self.c_dim or c.shape[0] not in (1, z.shape[0]):
             raise InputError(f"c: expected one-hot [{z.shape[0]},{self.c_dim}], got {list(c.shape)}")
-        c = c.to(device=ref.device, dtype=ref.dtype).expand(z.shape[0], -1)
+        c = c.to(device=dev, dtype=dtype).expand(z.shape[0], -1)
         return z, c
 
     def forward(
@@ -97,15 +109,16 @@ class LatentGenerator(nn.Module):
         truncation_cutoff: int | None = None,  # no per-layer latents here: ignored
         noise_mode: str = "const",  # no noise inputs here: accepted for the shared contract, no effect
         generator: torch.Generator | None = None,  # random noise source in StyleGAN's contract: unused here
-    ) -> torch.Tensor:  # [B,img_channels,img_resolution,img_resolution] in output_range
+        unit: bool = False,  # images in [0,1] instead of output_range, mapped by the head (cheaper than after it)
+    ) -> torch.Tensor:  # [B,img_channels,img_resolution,img_resolution] in output_range (unit: in [0,1])
         if noise_mode not in NOISE_MODES:
             raise InputError(f"noise_mode: expected one of {NOISE_MODES}, got {noise_mode!r}")
         z, c = self.check_inputs(z, c)
         if truncation_psi != 1:
             z = z * truncation_psi
-        return self.synthesize(z, c)
+        return self.synthesize(z, c, unit)
 
-    def synthesize(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    def synthesize(self, z: torch.Tensor, c: torch.Tensor | None, unit: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -270,8 +283,24 @@ class DCGANGenerator(LatentGenerator):
         if plan.embed is not None:
             assert plan.embed_shape is not None
             attach(self, plan.embed, nn.Embedding(*plan.embed_shape))
+        self.folded = False
 
-    def synthesize(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    def fold_batchnorm(self) -> None:
+        """Fold each eval-mode BatchNorm into the transposed convolution before it (exact: an affine map per output
+        channel), leaving one convolution per stage; the BatchNorm modules become Identity. Call after loading."""
+        for conv_path, bn_path in self._stage_paths:
+            if bn_path is None:
+                continue
+            conv, bn = self.get_submodule(conv_path), self.get_submodule(bn_path)
+            if not isinstance(bn, nn.BatchNorm2d):
+                continue
+            w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                        bn.bias, transpose=True)
+            conv.weight, conv.bias = nn.Parameter(w.detach(), False), nn.Parameter(b.detach(), False)
+            attach(self, bn_path, nn.Identity())
+        self.folded = True
+
+    def synthesize(self, z: torch.Tensor, c: torch.Tensor | None, unit: bool = False) -> torch.Tensor:
         x = z  # [B,z_dim]
         if c is not None:
             label = c  # [B,c_dim] one-hot (soft labels interpolate)
@@ -282,9 +311,9 @@ class DCGANGenerator(LatentGenerator):
         last = len(self._stage_paths) - 1
         for i, (conv, bn) in enumerate(self._stage_paths):
             x = self.get_submodule(conv)(x)  # [B,C,H,W], H doubles after the first stage
-            if bn is not None:
+            if bn is not None and not self.folded:
                 x = self.get_submodule(bn)(x)
-            x = torch.tanh(x) if i == last else F.relu(x)
+            x = self.head(x, unit) if i == last else x.relu_()  # in place on fresh tensors
         return x
 
 
@@ -308,6 +337,9 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
     model = DCGANGenerator(plan, z_dim, c_dim, label_first=bool(cfg.get("label_first", False)))
     model.load_state_dict(state_dict, strict=True)
     model.eval().requires_grad_(False)
+    model.fold_batchnorm()
+    # NHWC transposed convolutions run faster on CPU (oneDNN) and on tensor cores; .to(device) keeps the layout
+    model.to(memory_format=torch.channels_last)
     res = model.img_resolution
     channels = [s.in_ch for s in plan.stages] + [plan.stages[-1].out_ch]
     sides = [plan.stages[0].kernel * 2**i for i in range(len(plan.stages))]
@@ -335,5 +367,6 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
             "channels": channels,
             "ngf": plan.stages[-2].out_ch,
             "output_range": list(model.output_range),
+            "batchnorm_folded": True,
         },
     )

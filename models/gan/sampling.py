@@ -12,6 +12,7 @@ forward). Image-to-image generators (CycleGAN/pix2pix) are applied by `translate
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -21,11 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import host
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
 from ..manager import ModelManager, placement
 from ..progress import Progress
 from ..tiling import match_channels, split_alpha, tiled_apply
+from .dcgan import LatentGenerator
 from .latent import style_mix, truncate
 
 log = logging.getLogger(__name__)
@@ -336,17 +339,16 @@ def mix_styles(manager: ModelManager, desc: ModelDescriptor, base: GANLatent, so
 # sampling
 
 
-def to_unit(img: torch.Tensor, output_range: tuple[float, float]) -> torch.Tensor:
-    """A generator's output in output_range -> [0,1], clamped."""
+def to_unit(img: torch.Tensor, output_range: tuple[float, float], inplace: bool = False) -> torch.Tensor:
+    """A generator's output in output_range -> [0,1], clamped (`inplace`: reuse img when it is float32 already)."""
     lo, hi = float(output_range[0]), float(output_range[1])
-    return ((img.float() - lo) / (hi - lo)).clamp_(0, 1)
+    x = img if inplace and img.dtype == torch.float32 else img.float().clone()
+    return x.sub_(lo).mul_(1.0 / (hi - lo)).clamp_(0, 1)
 
 
 def _sample_bytes(desc: ModelDescriptor) -> float:
-    """Activation bytes of one sample at the weights' dtype (a rough upper bound)."""
-    g = desc.model
-    itemsize = torch.empty((), dtype=placement(g)[1]).element_size()
-    return (desc.bytes_per_pixel or 1024.0) * g.img_resolution**2 * itemsize / 4 * 1.5
+    """Activation bytes of one sample (a rough upper bound: float32, plus half again)."""
+    return (desc.bytes_per_pixel or 1024.0) * desc.model.img_resolution**2 * 1.5
 
 
 def _chunk_size(manager: ModelManager, desc: ModelDescriptor, batch: int, per: float) -> int:
@@ -355,14 +357,23 @@ def _chunk_size(manager: ModelManager, desc: ModelDescriptor, batch: int, per: f
     return max(1, min(batch, MAX_CHUNK, int(manager.activation_budget(desc) // max(per, 1.0))))
 
 
-def _sample_fn(latent: GANLatent, psi: float, cutoff: int | None, noise_mode: str, gen: torch.Generator | None):
+def _sample_fn(latent: GANLatent, psi: float, cutoff: int | None, noise_mode: str, gen: torch.Generator | None,
+               output_range: tuple[float, float]):
+    """model, latents [b,...], labels -> images [b,C,H,W] in 0..1 on the model's device."""
     def run(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(model, LatentGenerator):  # casts and moves its inputs; its head maps to 0..1 directly
+            return model(x, labels, truncation_psi=psi, noise_mode=noise_mode, unit=True)
         dev = placement(model)[0]
-        c = labels.to(dev) if labels is not None else None
         if latent.space == "w":
             ws = truncate(x.to(dev), model.w_avg.float(), psi, cutoff)  # [b,num_ws,w_dim]
-            return model.synthesis(ws, noise_mode=noise_mode, generator=gen)
-        return model(x.to(dev), c, truncation_psi=psi, truncation_cutoff=cutoff, noise_mode=noise_mode, generator=gen)
+            img = model.synthesis(ws, noise_mode=noise_mode, generator=gen)
+        else:
+            c = labels.to(dev) if labels is not None else None
+            img = model(x.to(dev), c, truncation_psi=psi, truncation_cutoff=cutoff, noise_mode=noise_mode,
+                        generator=gen)
+        if img.dtype != torch.float32 and not torch.isfinite(img).all():
+            return img  # as it is, so that manager.run sees the overflow (clamping would hide an Inf) and redoes fp32
+        return to_unit(img, output_range, inplace=True)  # the generator's fresh output
 
     return run
 
@@ -386,24 +397,24 @@ def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, trun
     if g.c_dim and latent.space == "z" and latent.labels is None:
         raise InputError(f"latent: {model_name(desc)} is class-conditional but this z latent carries no class labels")
     gen = torch.Generator().manual_seed(int(noise_seed)) if noise_mode == "random" else None
-    fn = _sample_fn(latent, psi, truncation_cutoff, noise_mode, gen)
+    fn = _sample_fn(latent, psi, truncation_cutoff, noise_mode, gen, g.output_range)
     n = len(latent)
     per = _sample_bytes(desc)
     step = chunk or _chunk_size(manager, desc, n, per)
+    if n <= step:  # one call, the usual case: no bar, no slices (this path is timed at batch 1 by bench/gan.py)
+        host.throw_if_interrupted()
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            img = manager.run(desc, lambda model: fn(model, latent.tensor, latent.labels), memory_required=int(per * n))
+        return img.float().cpu()  # [B,C,H,W]
     outs = []
-    with Progress(math.ceil(n / step), "GAN sample", enabled=n > step) as bar:
+    with Progress(math.ceil(n / step), "GAN sample") as bar, torch.no_grad():
         for i in range(0, n, step):
             x = latent.tensor[i : i + step]
             lab = latent.labels[i : i + step] if latent.labels is not None else None
-
-            def call(model: torch.nn.Module, x=x, lab=lab) -> torch.Tensor:
-                with torch.no_grad():
-                    return fn(model, x, lab)
-
-            img = manager.run(desc, call, memory_required=int(per * x.shape[0]))  # [b,C,H,W] in output_range
-            outs.append(to_unit(img, g.output_range).cpu())
+            img = manager.run(desc, lambda model, x=x, lab=lab: fn(model, x, lab), memory_required=int(per * len(x)))
+            outs.append(img.float().cpu())  # [b,C,H,W]
             bar.update()
-    return torch.cat(outs)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ def test_rgb_mlp_with_prefix_equals_reference(tmp_path):
         want = ref.main(z).view(7, 3, side, side)
         assert (g(z) - want).abs().max().item() <= TOL
         assert (g(z, truncation_psi=0.7) - ref.main(0.7 * z).view(7, 3, side, side)).abs().max().item() <= TOL
+        assert (g(z, unit=True) - (want + 1) / 2).abs().max().item() <= TOL  # the head's sigmoid(2x) mapping
 
 
 def test_metadata_conditioning_and_sigmoid_output(tmp_path):
@@ -80,6 +81,7 @@ def test_metadata_conditioning_and_sigmoid_output(tmp_path):
     z, c = torch.randn(4, 10), torch.eye(4)
     with torch.no_grad():
         assert (g(z, c) - ref(torch.cat([z, c], 1)).view(4, 1, 10, 10)).abs().max().item() <= TOL
+        assert torch.equal(g(z, c, unit=True), g(z, c))  # a sigmoid head is in [0,1] already
     with pytest.raises(InputError, match="class-conditional"):
         g(z)
 

@@ -1,6 +1,7 @@
 """Benchmark: VAE decoding, Atelier VAE Decode against the untiled call and core ComfyUI's VAEDecodeTiled.
 
-    python bench/vae.py [--sizes 512,2048,4096] [--models taef2,sd] [--max-cell-s 900] [--comfyui DIR]
+    python bench/vae.py [--sizes 512,2048,4096] [--models taef2,sd] [--variants ours,untiled,core_tiled]
+                        [--max-cell-s 900] [--mem-fraction 0.7] [--comfyui DIR]
 
 Models: TAEF2 (the real ../shared/weights/taef2 pair) and a full-size SD1 KL decoder (ch 128, ch_mult 1,2,4,4, two
 resnets per level, mid attention) with random weights, written once to a temp dir. Latents are seeded normal noise
@@ -14,8 +15,11 @@ Variants, each in a fresh process (one cell = one model, one size, one variant):
               only where a ComfyUI source tree with its venv is found (--comfyui, $ATELIER_COMFYUI, ../comfyui).
 Peak memory: the process's peak resident set (VmHWM, reset after loading; ru_maxrss where that reset is not
 possible), reported whole ("peak_mb") and above the loaded baseline ("growth_mb"); wall time of the decode call.
-Cells predicted (from the same variant's smallest size, scaled by pixels) to need more than 70 % of the available
-memory or more than --max-cell-s seconds are skipped with the reason. Last line: one JSON object.
+The untiled call runs under an address-space cap of --mem-fraction (0.7) of the available memory: where it needs
+more, it fails with an allocation error and the cell reports "peak_mb_at_least" (its resident set then plus the
+allocation it asked for), so the ratio ours/untiled is an upper bound. Tiled cells predicted to need more than that
+share (the smallest size's peak plus the output image), and any cell predicted (scaled by pixels from the smallest
+size) to take more than --max-cell-s seconds, are skipped with the reason. Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -99,7 +104,19 @@ def _pkg_root() -> pathlib.Path:
 
 
 # ------------------------------------------------------------------------------------------------ worker side
-def worker(model: str, variant: str, size: int, models: str, comfy: str | None) -> dict[str, Any]:
+def _cap_address_space(fraction: float) -> int:
+    """Limit this process to its current mappings plus `fraction` of the available memory, so that an untiled decode
+    too big for the machine fails with an allocation error (which says how much it asked for) instead of being
+    killed by the kernel. Returns the allowance in bytes."""
+    import resource
+
+    allowance = int(fraction * _available())
+    resource.setrlimit(resource.RLIMIT_AS, ((_status("VmSize") or 0) + allowance, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    return allowance
+
+
+def worker(model: str, variant: str, size: int, models: str, comfy: str | None, mem_fraction: float = 0.7
+           ) -> dict[str, Any]:
     if variant == "core_tiled":
         sys.argv = [sys.argv[0], "--cpu"]
         sys.path.insert(0, comfy)
@@ -145,8 +162,19 @@ def worker(model: str, variant: str, size: int, models: str, comfy: str | None) 
             reset = True
         except OSError:
             pass
+        cap = _cap_address_space(mem_fraction) if variant == "untiled" else None
         t0 = time.perf_counter()
-        out = run()
+        try:
+            out = run()
+        except RuntimeError as e:  # "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes"
+            m = re.search(r"allocate (\d+) bytes", str(e))
+            if cap is None or m is None:
+                raise
+            need = max(_status("VmHWM") or 0, (_status("VmRSS") or 0) + int(m.group(1)))
+            return {"failed": f"out of memory: allowed {cap / 2**30:.1f} GB more than the loaded process "
+                              f"({mem_fraction:.0%} of the available memory)",
+                    "peak_mb_at_least": round(need / 2**20), "base_mb": round(base / 2**20),
+                    "wall_s_until_failure": round(time.perf_counter() - t0, 1)}
         wall = time.perf_counter() - t0
     import resource
 
@@ -156,8 +184,9 @@ def worker(model: str, variant: str, size: int, models: str, comfy: str | None) 
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
-def run_cell(py: str, model: str, variant: str, size: int, models: str, comfy: str | None, timeout: float) -> dict:
-    cmd = [py, __file__, "--worker", model, variant, str(size), "--models-dir", models]
+def run_cell(py: str, model: str, variant: str, size: int, models: str, comfy: str | None, timeout: float,
+             frac: float) -> dict:
+    cmd = [py, __file__, "--worker", model, variant, str(size), "--models-dir", models, "--mem-fraction", str(frac)]
     if comfy:
         cmd += ["--comfyui", comfy]
     try:
@@ -186,11 +215,12 @@ def _skip_reason(model: str, variant: str, size: int, first: dict | None, first_
     if first is None or "wall_s" not in first or size == first_size:
         return None
     secs, peak_mb = _predict(first, first_size, size)
-    if variant == "ours" and model == "taef2":
-        secs, peak_mb = secs, first["peak_mb"] + 3 * size * size * 4 * 2 / 2**20  # tiles: bounded, plus the output
+    if variant == "untiled":
+        return None if secs <= a.max_cell_s else f"predicted {secs:.0f} s > --max-cell-s {a.max_cell_s:.0f}"
+    peak_mb = first["peak_mb"] + 3 * size * size * 4 * 2 / 2**20  # tiled: bounded by the tile, plus the output
     avail = _available() / 2**20
-    if variant != "ours" and peak_mb > 0.7 * avail:
-        return f"predicted peak {peak_mb / 1024:.1f} GB > 70% of the {avail / 1024:.1f} GB available"
+    if peak_mb > a.mem_fraction * avail:
+        return f"predicted peak {peak_mb / 1024:.1f} GB > {a.mem_fraction:.0%} of the {avail / 1024:.1f} GB available"
     if secs > a.max_cell_s:
         return f"predicted {secs:.0f} s > --max-cell-s {a.max_cell_s:.0f} on this machine ({os.cpu_count()} CPUs)"
     return None
@@ -202,13 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="taef2,sd")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--max-cell-s", type=float, default=900.0, help="skip cells predicted to take longer")
+    p.add_argument("--mem-fraction", type=float, default=0.7,
+                   help="skip cells predicted to need more than this share of the available memory")
     p.add_argument("--comfyui", help="ComfyUI source tree (default $ATELIER_COMFYUI or ../comfyui)")
     p.add_argument("--models-dir", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=3, metavar=("MODEL", "VARIANT", "SIZE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         model, variant, size = a.worker
-        print(json.dumps(worker(model, variant, int(size), a.models_dir, a.comfyui)))
+        print(json.dumps(worker(model, variant, int(size), a.models_dir, a.comfyui, a.mem_fraction)))
         return 0
 
     comfy = find_comfyui(a.comfyui)
@@ -229,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             for size in sizes:
                 reason = _skip_reason(model, variant, size, first, sizes[0], a)
                 cell = {"skipped": reason} if reason else run_cell(py, model, variant, size, str(models), a.comfyui,
-                                                                   timeout=max(a.max_cell_s * 2, 120))
+                                                                   max(a.max_cell_s * 2, 120), a.mem_fraction)
                 if size == sizes[0]:
                     first = cell
                 result["cells"].setdefault(model, {}).setdefault(str(size), {})[variant] = cell
@@ -257,6 +289,9 @@ def summarise(cells: dict, sizes: list[int]) -> dict[str, Any]:
                     out[key] = {"peak": round(ours["peak_mb"] / ref["peak_mb"], 3),
                                 "growth": round(ours["growth_mb"] / max(1, ref["growth_mb"]), 3),
                                 "time": round(ours["wall_s"] / max(1e-9, ref["wall_s"]), 3)}
+                elif "peak_mb_at_least" in ref:
+                    out[key] = {"peak_at_most": round(ours["peak_mb"] / ref["peak_mb_at_least"], 3),
+                                "note": f"{other} ran out of memory; it needed more than {ref['peak_mb_at_least']} MB"}
                 elif other == "untiled" and "peak_mb" in first:
                     est = _predict(first, sizes[0], size)
                     out[key] = {"peak": round(ours["peak_mb"] / est[1], 3), "untiled_peak_mb_estimated": round(est[1]),

@@ -115,6 +115,20 @@ def test_dtype_policy_cpu(manager, fake_detector, models_root):
     assert manager.dtype_for(d) == torch.float32 and mgr.placement(d.model)[1] == torch.float32
 
 
+def test_placement_follows_casts_and_swapped_parameters():
+    """placement() remembers where to look, not what it saw: casts, moves and replaced parameters are seen."""
+    model = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 2))
+    assert mgr.placement(model) == (torch.device("cpu"), torch.float32)
+    model.to(torch.bfloat16)
+    assert mgr.placement(model)[1] == torch.bfloat16
+    model[1].weight = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))  # swapped, not cast in place
+    assert mgr.placement(model)[1] == torch.float64
+    del model[1].weight  # the remembered parameter is gone: look again (the bias)
+    model[1].register_parameter("weight", None)
+    assert mgr.placement(model)[1] == torch.bfloat16
+    assert mgr.placement(torch.nn.ReLU()) == (torch.device("cpu"), torch.float32)  # no weights at all
+
+
 def test_half_precision_nan_falls_back_to_fp32(manager, fake_detector, models_root, caplog):
     _toy(models_root / "upscale_models" / "t.safetensors")
     d = manager.load("t.safetensors", "upscale_models", dtype=torch.bfloat16)

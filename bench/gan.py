@@ -1,7 +1,7 @@
 """GAN throughput: images/s at batch 1 and 32, ours against the reference implementations. Last line: one JSON object.
 
     python bench/gan.py [--repeats 9] [--batches 1,32] [--cyclegan-size 128] [--device cpu]
-                        [--threads N] [--clock wall|cpu] [--only dcgan,mlp]
+                        [--threads N] [--clock wall|cpu] [--only dcgan,mlp] [--nvlabs DIR]
 
 References (the registry packages' own model classes, on the same real weights, loaded by file path so the
 packages' __init__ never runs):
@@ -9,8 +9,9 @@ packages' __init__ never runs):
 - DCGAN eyes 128px, 8 classes: omniart_eye_generator/generator.py `Generator`
 - MLP GAN MNIST: the layout its README gives, as a plain nn.Sequential (the repository ships no model code)
 - CycleGAN vintage (ResnetGenerator, 9 blocks), at --cyclegan-size pixels: vintagify/generator.py `ResnetGenerator`
-- StyleGAN2/3: no reference implementation is available as code (the golden data holds tensors only), so the tiny
-  golden configs are timed for ours alone.
+- StyleGAN2/3 (the golden configs sg2_skip_32, sg3_t_32): NVIDIA's own Generator from an NVlabs/stylegan3 source tree
+  given with --nvlabs DIR (not shipped: e.g. `git clone https://github.com/NVlabs/stylegan3`; on the CPU it runs its
+  pure-PyTorch reference ops). Without it, ours alone.
 
 "ours" is the whole path a node takes: `sampling.sample` / `sampling.translate` through the model manager (latents in,
 images in 0..1 out); "engine" is our generator module's forward alone; "reference" is the reference module's forward;
@@ -122,12 +123,45 @@ def setups(root: pathlib.Path, shared: pathlib.Path, args) -> list[tuple[str, st
             return g.eval().to(dev)
         shutil.copy(mlp, root / "gans" / "gan_mlp_G.ckpt")
         out.append(("mlp_mnist_28", "gan_mlp_G.ckpt", mlp_ref, lambda g, z, c: g(z).view(-1, 1, 28, 28)))
+    nvlabs = pathlib.Path(args.nvlabs) if args.nvlabs else None
+    if nvlabs is not None and not (nvlabs / "training" / "networks_stylegan3.py").is_file():
+        sys.exit(f"bench/gan.py: --nvlabs {nvlabs}: no training/networks_stylegan3.py there (an NVlabs/stylegan3 tree)")
     for cfg in ("sg2_skip_32", "sg3_t_32"):
         src = shared / "golden" / "stylegan" / f"{cfg}.safetensors"
         if src.is_file():
             shutil.copy(src, root / "gans" / f"{cfg}.safetensors")
-            out.append((f"stylegan_{cfg}_golden", f"{cfg}.safetensors", None, None))
+            out.append((f"stylegan_{cfg}_golden", f"{cfg}.safetensors", nvlabs_builder(nvlabs) if nvlabs else None,
+                        lambda g, z, c: g(z, c if c is not None else z.new_zeros(z.shape[0], 0), noise_mode="const")))
     return out
+
+
+def nvlabs_builder(tree: pathlib.Path) -> Callable:
+    """NVIDIA's own Generator (NVlabs/stylegan3 `training/networks_stylegan{2,3}.py`, on the CPU its pure-PyTorch
+    reference ops) built from a golden file's recorded class and constructor kwargs, with the file's weights."""
+    def build(path, dev):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if str(tree) not in sys.path:
+            sys.path.insert(0, str(tree))
+        if importlib.util.find_spec("pkg_resources") is None:  # NVIDIA's conv2d_gradfix imports it for parse_version
+            import types
+
+            from packaging.version import parse
+
+            sys.modules["pkg_resources"] = types.SimpleNamespace(parse_version=parse)
+        import dnnlib
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        module, cls = meta["class_name"].rsplit(".", 1)
+        kwargs = json.loads(meta["init_kwargs"])
+        kwargs = {k: dnnlib.EasyDict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+        g = getattr(importlib.import_module(module), cls)(**kwargs)
+        g.load_state_dict(load_file(str(path)))
+        return g.eval().to(dev)
+
+    return build
 
 
 def bench_generators(manager: ModelManager, entries, args, dev, sync) -> dict:
@@ -188,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="wall time, or the compute thread's CPU time (needs --threads 1; for loaded machines)")
     ap.add_argument("--only", default="", help="comma-separated name parts: bench only the matching models "
                     "(dcgan, mlp, stylegan, cyclegan)")
+    ap.add_argument("--nvlabs", default=os.environ.get("ATELIER_NVLABS"),
+                    help="an NVlabs/stylegan3 source tree: times NVIDIA's StyleGAN2/3 Generator as the reference")
     ap.add_argument("--shared", default=os.environ.get("ATELIER_SHARED", str(REPO.parent / "shared")))
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -225,8 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
         "models": results,
         "min_ratio": min(ratios) if ratios else None,
         "min_engine_ratio": min(engine) if engine else None,
-        "note": "ratio = ours (node path) / reference images per second, engine_ratio = our module alone / reference; "
-                "StyleGAN has no reference implementation as code (ours alone)",
+        "note": "ratio = ours (node path) / reference images per second, engine_ratio = our module alone / reference"
+                + ("" if args.nvlabs else "; StyleGAN timed for ours alone (no --nvlabs tree given)"),
     }
     print(json.dumps(figures))
     return figures

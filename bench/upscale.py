@@ -26,25 +26,12 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from _bench_common import REPO, comfy_python, find_comfyui, peak_rss, pkg_root, reset_peak
+
 DEFAULT_MODEL = REPO.parent / "shared" / "weights" / "realesr-animevideov3" / "realesr-animevideov3.pth"
-
-
-# ------------------------------------------------------------------------------------------------ locating ComfyUI
-def find_comfyui(arg: str | None) -> pathlib.Path | None:
-    for cand in (arg, os.environ.get("ATELIER_COMFYUI"), str(REPO.parent / "comfyui")):
-        if cand and (pathlib.Path(cand) / "main.py").is_file() and (pathlib.Path(cand) / "comfy").is_dir():
-            return pathlib.Path(cand).resolve()
-    return None
-
-
-def comfy_python(comfy: pathlib.Path) -> str:
-    venv = comfy / ".venv" / "bin" / "python"
-    return str(venv) if venv.is_file() else sys.executable
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -61,9 +48,7 @@ def setup(comfy: str, model_dir: str, gpu: bool) -> dict[str, Any]:
     folder_paths.add_model_folder_path("upscale_models", model_dir)
     from comfy_extras import nodes_upscale_model as core_nodes
 
-    pkg_root = tempfile.mkdtemp(prefix="atelier_bench_")
-    os.symlink(str(REPO), os.path.join(pkg_root, "atelier"))
-    sys.path.insert(0, pkg_root)
+    sys.path.insert(0, str(pkg_root()))
     from atelier.nodes import upscale as ours
 
     return {"core": core_nodes, "ours": ours}
@@ -89,16 +74,6 @@ def test_image(size: int):
     x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     return x.movedim(1, -1).contiguous()
 
-
-def _status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def worker_time(a: argparse.Namespace) -> dict[str, Any]:
@@ -139,26 +114,17 @@ def _sync(gpu: bool) -> None:
 
 
 def worker_mem(a: argparse.Namespace) -> dict[str, Any]:
-    import resource
-
     import torch
 
     mods = setup(a.comfyui, a.model_dir, a.gpu)
     nodes = load_nodes(mods, a.model_name)
     img = test_image(a.sizes[0])
-    base = _status("VmRSS")
-    reset = False
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
-        reset = True
-    except OSError:
-        pass
+    base, reset = reset_peak()
     if a.gpu and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         res = nodes[a.which](img)
-    peak = _status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss(reset)
     info = {"base": base, "peak": peak, "shape": list(res.shape)}
     if a.gpu and torch.cuda.is_available():
         info["gpu_peak"] = torch.cuda.max_memory_allocated()

@@ -34,50 +34,21 @@ import tempfile
 import time
 from typing import Any
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from _bench_common import (REPO, available_bytes, comfy_python, find_comfyui, peak_rss, pkg_root, proc_status,
+                           reset_peak)
+
 TAEF2_DIR = REPO.parent / "shared" / "weights" / "taef2"
 VARIANTS = ("ours", "untiled", "core_tiled")
 LATENT = {"taef2": 32, "sd": 4}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def find_comfyui(arg: str | None) -> pathlib.Path | None:
-    for cand in (arg, os.environ.get("ATELIER_COMFYUI"), str(REPO.parent / "comfyui")):
-        if cand and (pathlib.Path(cand) / "main.py").is_file() and (pathlib.Path(cand) / "comfy").is_dir():
-            return pathlib.Path(cand).resolve()
-    return None
-
-
-def comfy_python(comfy: pathlib.Path) -> str:
-    venv = comfy / ".venv" / "bin" / "python"
-    return str(venv) if venv.is_file() else sys.executable
-
-
-def _status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 8 << 30
-
-
 def make_models(root: pathlib.Path) -> None:
     """models/vae_approx: the TAEF2 pair; models/vae/sd_random.safetensors: a full-size SD1 KL autoencoder."""
     import torch
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(_pkg_root()))
+    sys.path.insert(0, str(pkg_root()))
     from atelier.models.vae import kl
 
     (root / "vae_approx").mkdir(parents=True, exist_ok=True)
@@ -93,16 +64,6 @@ def make_models(root: pathlib.Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dst))
 
 
-def _pkg_root() -> pathlib.Path:
-    """A folder holding `atelier` -> this repository, so the pack imports as a package under any interpreter."""
-    root = pathlib.Path(tempfile.gettempdir()) / f"atelier_bench_pkg_{os.getuid()}"
-    root.mkdir(exist_ok=True)
-    link = root / "atelier"
-    if not link.exists():
-        os.symlink(REPO, link)
-    return root
-
-
 # ------------------------------------------------------------------------------------------------ worker side
 def _cap_address_space(fraction: float) -> int:
     """Limit this process to its current mappings plus `fraction` of the available memory, so that an untiled decode
@@ -110,8 +71,8 @@ def _cap_address_space(fraction: float) -> int:
     killed by the kernel. Returns the allowance in bytes."""
     import resource
 
-    allowance = int(fraction * _available())
-    resource.setrlimit(resource.RLIMIT_AS, ((_status("VmSize") or 0) + allowance, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    allowance = int(fraction * available_bytes())
+    resource.setrlimit(resource.RLIMIT_AS, ((proc_status("VmSize") or 0) + allowance, resource.getrlimit(resource.RLIMIT_AS)[1]))
     return allowance
 
 
@@ -124,7 +85,7 @@ def worker(model: str, variant: str, size: int, models: str, comfy: str | None, 
 
         comfy.options.enable_args_parsing()
         import comfy.model_management  # noqa: F401
-    sys.path.insert(0, str(_pkg_root()))
+    sys.path.insert(0, str(pkg_root()))
     import torch
 
     z = torch.randn(1, LATENT[model], size // 8, size // 8, generator=torch.Generator().manual_seed(0))
@@ -154,14 +115,7 @@ def worker(model: str, variant: str, size: int, models: str, comfy: str | None, 
             ours.AtelierVAEDecode().decode(v, small)
         else:
             v.decoder.model.decode(small["samples"])
-        base = _status("VmRSS")
-        reset = False
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
-            reset = True
-        except OSError:
-            pass
+        base, reset = reset_peak()
         cap = _cap_address_space(mem_fraction) if variant == "untiled" else None
         t0 = time.perf_counter()
         try:
@@ -170,15 +124,13 @@ def worker(model: str, variant: str, size: int, models: str, comfy: str | None, 
             m = re.search(r"allocate (\d+) bytes", str(e))
             if cap is None or m is None:
                 raise
-            need = max(_status("VmHWM") or 0, (_status("VmRSS") or 0) + int(m.group(1)))
+            need = max(proc_status("VmHWM") or 0, (proc_status("VmRSS") or 0) + int(m.group(1)))
             return {"failed": f"out of memory: allowed {cap / 2**30:.1f} GB more than the loaded process "
                               f"({mem_fraction:.0%} of the available memory)",
                     "peak_mb_at_least": round(need / 2**20), "base_mb": round(base / 2**20),
                     "wall_s_until_failure": round(time.perf_counter() - t0, 1)}
         wall = time.perf_counter() - t0
-    import resource
-
-    peak = _status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss(reset)
     return {"wall_s": round(wall, 2), "peak_mb": round(peak / 2**20), "growth_mb": round((peak - base) / 2**20),
             "base_mb": round(base / 2**20), "shape": list(out.shape), "peak_reset": reset}
 
@@ -218,7 +170,7 @@ def _skip_reason(model: str, variant: str, size: int, first: dict | None, first_
     if variant == "untiled":
         return None if secs <= a.max_cell_s else f"predicted {secs:.0f} s > --max-cell-s {a.max_cell_s:.0f}"
     peak_mb = first["peak_mb"] + 3 * size * size * 4 * 2 / 2**20  # tiled: bounded by the tile, plus the output
-    avail = _available() / 2**20
+    avail = available_bytes() / 2**20
     if peak_mb > a.mem_fraction * avail:
         return f"predicted peak {peak_mb / 1024:.1f} GB > {a.mem_fraction:.0%} of the {avail / 1024:.1f} GB available"
     if secs > a.max_cell_s:

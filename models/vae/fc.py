@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
+from .kl import draw
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,7 @@ class FCVAE(nn.Module):
     def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """Image [B,1,S,S] in [0,1] -> latent [B,latent,1,1]: the posterior mean, or a draw when `sample`."""
         mean, logvar = self.moments(x)
-        if not sample:
-            return mean
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + torch.exp(0.5 * logvar) * noise
+        return draw(mean, logvar, generator) if sample else mean
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent [B,latent,1,1] (or [B,latent]) -> image [B,1,S,S] in [0,1]."""

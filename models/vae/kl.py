@@ -40,6 +40,12 @@ _PREFIXES = ("", "first_stage_model.", "vae.")  # bare VAE files, full SD checkp
 # ---------------------------------------------------------------------------------------------------------------
 # GroupNorm with collectable / fixable statistics
 # ---------------------------------------------------------------------------------------------------------------
+def draw(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A draw from the diagonal Gaussian posterior N(mean, exp(logvar)) (the reparameterisation of Kingma & Welling)."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters and state-dict keys) whose statistics can be recorded or supplied.
 
@@ -350,10 +356,7 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """Image [B,C,H,W] in [0,1] -> latent [B,latent,H/f,W/f] (posterior mean, or a draw when `sample`)."""
         mean, logvar = self.moments(x)
-        if not sample:
-            return mean
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + torch.exp(0.5 * logvar) * noise
+        return draw(mean, logvar, generator) if sample else mean
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent [B,latent,h,w] -> image [B,C,h*f,w*f] in [0,1]."""

@@ -178,6 +178,17 @@ def progress_bar(total: int) -> Any:
     return comfy.utils.ProgressBar(total)
 
 
+def preview_payload(image: torch.Tensor | None, max_size: int = 512) -> Any:
+    """A node preview for ProgressBar.update_absolute from [H,W,3] in 0..1 (ComfyUI's ("JPEG", PIL image, size)),
+    or None."""
+    if image is None:
+        return None
+    from PIL import Image  # noqa: PLC0415
+
+    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return ("JPEG", Image.fromarray(arr), max_size)
+
+
 def throw_if_interrupted() -> None:
     mm = _mm()
     if mm is not None:

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from . import host
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +36,16 @@ class Progress:
         host.throw_if_interrupted()
         return self
 
-    def update(self, n: int = 1) -> None:
+    @property
+    def shows_previews(self) -> bool:
+        """Whether a preview passed to `update` is shown (inside ComfyUI): build one only then."""
+        return self._comfy is not None
+
+    def update(self, n: int = 1, preview: "torch.Tensor | None" = None) -> None:
+        """Advance by n; `preview` [H,W,3] in 0..1 is shown in the node inside ComfyUI."""
         self.value = min(self.total, self.value + n)
         if self._comfy is not None:
-            self._comfy.update_absolute(self.value, self.total)
+            self._comfy.update_absolute(self.value, self.total, host.preview_payload(preview))
         if self._tqdm is not None:
             self._tqdm.update(n)
         host.throw_if_interrupted()

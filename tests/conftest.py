@@ -41,7 +41,7 @@ def _deterministic():
 @pytest.fixture
 def models_root(tmp_path) -> pathlib.Path:
     """An empty models root with the pack's sub-folders."""
-    for sub in ("upscale_models", "vae", "vae_approx", "checkpoints", "diffusion_models", "gans", "inpaint"):
+    for sub in ("upscale_models", "vae", "vae_approx", "checkpoints", "diffusion_models", "diffusers", "gans", "inpaint"):
         (tmp_path / "models" / sub).mkdir(parents=True)
     return tmp_path / "models"
 

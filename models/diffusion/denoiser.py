@@ -9,7 +9,8 @@ output is an epsilon, v or x0 prediction (Karras et al. 2022, table 1; Salimans 
     sample:        x0 = out
 
 With classes, `class_labels` [B] pick the class; guidance g != 1 mixes conditional and unconditional predictions
-(Ho & Salimans 2022) out = uncond + g (cond - uncond) with the model's null class. A model with learned variance
+(Ho & Salimans 2022) out = uncond + g (cond - uncond) with the model's null class. Score-SDE UNets (facts.time_input
+"sigma") see x unscaled at t = sigma and give the score: x0 = x + sigma^2 * out. A model with learned variance
 (guided-diffusion's learned_range) also gives, on request, the interpolation fraction in [0, 1] between the
 posterior's log variance and log beta that the DDPM sampler needs.
 """
@@ -66,6 +67,7 @@ class Denoiser:
         self.log_sigmas = self.sigmas.log()
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
         self.learned_variance = bool(facts.learned_variance)
+        self.sigma_input = getattr(facts, "time_input", "timestep") == "sigma"
         self.calls = 0  # network evaluations (a guided step counts once)
         if self.guidance != 1.0:
             if facts.num_classes <= 0:
@@ -90,9 +92,11 @@ class Denoiser:
             ) -> torch.Tensor:  # [B,out,H,W] float32
         """The guided network output for x [B,C,H,W] at sigma [B] (prediction channels, then variance if learned)."""
         sig = sigma.detach().double().cpu().reshape(-1).expand(x.shape[0])
-        c_in = (1.0 / (sig * sig + 1).sqrt()).to(x.device, x.dtype).view(-1, 1, 1, 1)
-        t = self.sigma_to_t(sig)
-        x_in = x * c_in
+        if self.sigma_input:  # score-SDE (Fourier) UNets: unscaled x at the noise level itself
+            t, x_in = sig, x
+        else:
+            c_in = (1.0 / (sig * sig + 1).sqrt()).to(x.device, x.dtype).view(-1, 1, 1, 1)
+            t, x_in = self.sigma_to_t(sig), x * c_in
         if self.guidance == 1.0 or class_labels is None:
             return self._network(x_in, t, class_labels)
         null = torch.full_like(class_labels, null_class_of(self.facts))
@@ -102,18 +106,32 @@ class Denoiser:
         pred = uncond[:, :c] + self.guidance * (cond[:, :c] - uncond[:, :c])
         return torch.cat([pred, cond[:, c:]], dim=1)
 
-    def to_x0(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """x0 from the prediction channels of a raw output (clipped when the switch is on)."""
+    def to_x0(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor, clip: bool | None = None
+              ) -> torch.Tensor:
+        """x0 from the prediction channels of a raw output (clipped when the switch, or `clip`, is on)."""
+        clip = self.clip if clip is None else clip
         sig = sigma.detach().double().cpu().reshape(-1).expand(x.shape[0])
         pred = out[:, : x.shape[1]]
         s = sig.to(x.device, x.dtype).view(-1, 1, 1, 1)
-        if self.prediction == "epsilon":
+        if self.sigma_input:  # the network gives the score -eps / sigma
+            x0 = x + s * s * pred
+        elif self.prediction == "epsilon":
             x0 = x - s * pred
         elif self.prediction == "v_prediction":
             x0 = x / (s * s + 1) - pred * s / (s * s + 1).sqrt()
         else:
             x0 = pred
-        return x0.clamp(-self.clip_range, self.clip_range) if self.clip else x0
+        return x0.clamp(-self.clip_range, self.clip_range) if clip else x0
+
+    def x0_and_eps(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
+                   **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, possibly clipped; epsilon of the unclipped prediction) for x [B,C,H,W] at sigma [B]: what
+        RePaint's step uses (diffusers' RePaintScheduler keeps the model's own epsilon for the direction term)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        x0 = self.to_x0(x, sigma, self.raw(x, sigma, class_labels), clip=False)
+        s = sigma.reshape(-1).expand(x.shape[0]).to(x.device, x.dtype).view(-1, 1, 1, 1)
+        eps = (x - x0) / s
+        return (x0.clamp(-self.clip_range, self.clip_range) if self.clip else x0), eps
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None,
                  return_variance: bool = False, **_: object):
@@ -129,6 +147,6 @@ class Denoiser:
 
 
 def _placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    from ..manager import placement
+    from ..budget import placement
 
     return placement(model)

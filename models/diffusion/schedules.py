@@ -19,8 +19,10 @@ SPACINGS = ("leading", "trailing", "linspace", "karras")
 
 
 def get_betas(schedule: TrainingSchedule) -> torch.Tensor:  # [T] float32
-    """The training betas, as diffusers' DDPMScheduler computes them."""
+    """The training betas, as diffusers' DDPMScheduler computes them (explicit trained_betas win)."""
     n = int(schedule.num_train_timesteps)
+    if getattr(schedule, "trained_betas", None) is not None:
+        return torch.tensor(schedule.trained_betas, dtype=torch.float32)
     if schedule.beta_schedule == "linear":
         return torch.linspace(schedule.beta_start, schedule.beta_end, n, dtype=torch.float32)
     if schedule.beta_schedule == "scaled_linear":

@@ -1,0 +1,126 @@
+"""RePaint (Lugmair et al. 2022, "RePaint: Inpainting using Denoising Diffusion Probabilistic Models").
+
+Inpainting with an unconditional diffusion model: at every step the known region is replaced by the original image
+noised to that step, and the unknown region is denoised by the model. To make the two agree, RePaint "resamples":
+after a few steps down it jumps back up (re-noising the whole image) and walks down again, so the model can
+harmonise the filled area with the known one. The schedule and the step equal diffusers' RePaintScheduler/
+RePaintPipeline (same noise draws in the same order: one per step down, T/steps per step back up).
+
+    jump_length    how many steps it walks down before jumping back up (the paper's j)
+    jump_n_sample  how many times each stretch is walked (the paper's r; 1 = no resampling)
+    resample_from / resample_to   the part of the run, as fractions of the steps from the end (0: clean, 1: pure
+                   noise), where resampling happens; the reference resamples everywhere (0..1)
+
+Model calls: steps + (jump points) * (jump_n_sample - 1) * jump_length; the reference (250 steps, j 10, r 10) makes
+2,410. `CHEAP` resamples only in the noisy half, where the layout is decided, with 100 steps: 460 calls.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import InputError
+from .denoiser import Denoiser
+from .schedules import get_alphas_cumprod, get_betas
+
+
+@dataclass(frozen=True)
+class RePaintSchedule:
+    steps: int = 250
+    jump_length: int = 10
+    jump_n_sample: int = 10
+    resample_from: float = 0.0  # fraction of the steps (from the clean end) where resampling starts
+    resample_to: float = 1.0  # ... and where it stops
+    eta: float = 0.0  # 0: deterministic DDIM-like step in the unknown region (diffusers' default); 1: DDPM
+
+
+REFERENCE = RePaintSchedule()
+CHEAP = RePaintSchedule(steps=100, jump_length=10, jump_n_sample=10, resample_from=0.5, resample_to=1.0)
+
+
+def repaint_steps(schedule: RePaintSchedule, num_train_timesteps: int) -> list[int]:
+    """The inference-step indices walked, down and back up (diffusers' RePaintScheduler.set_timesteps, with jumps
+    limited to [resample_from, resample_to) of the run)."""
+    n, j = min(int(schedule.steps), num_train_timesteps), int(schedule.jump_length)
+    if n < 1:
+        raise InputError(f"steps: expected at least 1, got {schedule.steps}")
+    if j < 1 or schedule.jump_n_sample < 1:
+        raise InputError(f"jump_length and jump_n_sample: expected at least 1, got {j} and {schedule.jump_n_sample}")
+    lo, hi = schedule.resample_from * n, schedule.resample_to * n
+    jumps = {k: schedule.jump_n_sample - 1 for k in range(0, n - j, j) if lo <= k < hi}
+    out, t = [], n
+    while t >= 1:
+        t -= 1
+        out.append(t)
+        if jumps.get(t, 0) > 0:
+            jumps[t] -= 1
+            for _ in range(j):
+                t += 1
+                out.append(t)
+    return out
+
+
+def model_calls(schedule: RePaintSchedule, num_train_timesteps: int = 1000) -> int:
+    """Network evaluations of a schedule (the steps down)."""
+    steps = repaint_steps(schedule, num_train_timesteps)
+    return sum(1 for a, b in zip([steps[0] + 1] + steps[:-1], steps) if b < a)
+
+
+@torch.no_grad()
+def repaint(model: Denoiser, image: torch.Tensor, keep: torch.Tensor, noise: Callable[[], torch.Tensor],
+            schedule: RePaintSchedule = REFERENCE, x: torch.Tensor | None = None,
+            callback: Callable[[dict], None] | None = None, extra_args: dict | None = None) -> torch.Tensor:
+    """Inpaint image [B,C,H,W] (model space, -1..1) where keep [B|1,1|C,H,W] is 0; keep 1 marks known pixels.
+    `noise()` draws standard normal noise like image; x: the starting noise (default: one draw). Returns
+    [B,C,H,W]."""
+    sched = model.facts.schedule
+    T = int(sched.num_train_timesteps)
+    k = T // min(int(schedule.steps), T)
+    ac = get_alphas_cumprod(sched).double().tolist()
+    betas = get_betas(sched).double().tolist()
+    extra = extra_args or {}
+    steps = repaint_steps(schedule, T)
+    x = noise() if x is None else x  # variance-preserving space, as the reference
+    last = steps[0] + 1
+    for i, s in enumerate(steps):
+        t = s * k
+        if s < last:
+            x = _step(model, x, t, k, ac, image, keep, noise, schedule.eta, extra)
+            if callback is not None:
+                callback({"i": i, "x": x, "t": t})
+        else:
+            for m in range(k):  # back up one step: T/steps single training steps, fresh noise each
+                beta = betas[last * k + m]
+                x = x * math.sqrt(1 - beta) + noise() * math.sqrt(beta)
+        last = s
+    return x
+
+
+def _step(model: Denoiser, x: torch.Tensor, t: int, k: int, ac: list[float], image: torch.Tensor,
+          keep: torch.Tensor, noise: Callable[[], torch.Tensor], eta: float, extra: dict) -> torch.Tensor:
+    a, ap = ac[t], (ac[t - k] if t - k >= 0 else 1.0)
+    sigma = math.sqrt((1 - a) / a)
+    x_ve = x / math.sqrt(a)
+    x0, eps = model.x0_and_eps(x_ve, torch.full((x.shape[0],), sigma, dtype=torch.float64), **extra)
+    n = noise()
+    std = eta * math.sqrt((1 - ap) / (1 - a) * (1 - a / ap))
+    unknown = x0 * math.sqrt(ap) + eps * math.sqrt(max(1 - ap - std * std, 0.0))
+    if t > 0 and eta > 0:
+        unknown = unknown + n * std
+    known = image * math.sqrt(ap) + n * math.sqrt(1 - ap)
+    return keep * known + (1 - keep) * unknown
+
+
+def check_mask(keep: torch.Tensor, image: torch.Tensor, name: str = "mask") -> str | None:
+    """None when there is something to inpaint; "all known" / "all unknown" otherwise (the caller decides)."""
+    if keep.shape[-2:] != image.shape[-2:]:
+        raise InputError(f"{name}: expected the image's size {image.shape[-1]}x{image.shape[-2]}, got "
+                         f"{keep.shape[-1]}x{keep.shape[-2]}; resize the mask to the image first")
+    if bool((keep >= 0.5).all()):
+        return "all known"
+    if bool((keep < 0.5).all()):
+        return "all unknown"
+    return None

@@ -1,0 +1,72 @@
+"""RePaint against diffusers' RePaintPipeline/RePaintScheduler on the same network, image, mask and noise.
+
+Both draw from one ordered noise stream (diffusers' randn_tensor patched in the pipeline and the scheduler), so the
+resampling jumps, the known-region noise and the starting noise are the same draws in the same order. The settings
+have the reference's structure (jumps of jump_length steps, each stretch walked jump_n_sample times) at a size a CPU
+test affords; bench/diffusion.py runs the reference 250/10/10.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_diffusion import DiffusersAdapter, NoiseStream, facts_for, patch_randn, tiny_unet
+
+from atelier.models.diffusion import repaint as rp
+from atelier.models.diffusion.denoiser import Denoiser
+from atelier.models.errors import InputError
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.pipelines.deprecated.repaint import pipeline_repaint  # noqa: E402
+from diffusers.schedulers import scheduling_repaint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SHAPE = (1, 3, 16, 16)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(SHAPE, generator=g) * 2 - 1
+    keep = torch.ones(1, 1, 16, 16)
+    keep[..., 4:12, 3:10] = 0  # the hole
+    return image, keep
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_repaint_equals_diffusers_pipeline(monkeypatch, eta):
+    unet = tiny_unet().inner  # the plain diffusers network; RePaint clips x0, so samples stay in -1..1
+    image, keep = _inputs()
+    sched = rp.RePaintSchedule(steps=50, jump_length=5, jump_n_sample=3, eta=eta)
+    theirs = NoiseStream(SHAPE)
+    patch_randn(monkeypatch, scheduling_repaint, theirs)
+    patch_randn(monkeypatch, pipeline_repaint, theirs)
+    pipe = diffusers.RePaintPipeline(unet=unet, scheduler=diffusers.RePaintScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(image, keep, num_inference_steps=sched.steps, eta=eta, jump_length=sched.jump_length,
+                jump_n_sample=sched.jump_n_sample, output_type="np").images  # [B,H,W,C] in 0..1
+    calls = []
+    den = Denoiser(DiffusersAdapter(unet), facts_for(unet), clip=True)
+    ours = NoiseStream(SHAPE)
+    got = rp.repaint(den, image, keep, ours, sched, callback=calls.append)
+    got01 = ((got / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy()
+    assert ours.count == theirs.count  # the same number of draws, in the same order
+    assert den.calls == len(calls) == rp.model_calls(sched) == 50 + 9 * 2 * 5
+    err = abs(got01 - want).max()
+    assert err < 1e-4, err
+    # the known region is the original (its last step adds no noise)
+    torch.testing.assert_close(got * keep, image * keep, atol=1e-5, rtol=0)
+
+
+def test_reference_and_cheap_call_counts():
+    assert rp.model_calls(rp.REFERENCE) == 2410  # the paper's 250 steps, j = r = 10
+    assert rp.model_calls(rp.CHEAP) * 4 <= 2410
+    no_jumps = rp.RePaintSchedule(steps=40, jump_n_sample=1)
+    assert rp.repaint_steps(no_jumps, 1000) == list(range(39, -1, -1))
+
+
+def test_mask_checks():
+    image, keep = _inputs()
+    with pytest.raises(InputError, match="mask: expected the image's size 16x16, got 8x8"):
+        rp.check_mask(keep[..., :8, :8], image)
+    assert rp.check_mask(torch.ones_like(keep), image) == "all known"
+    assert rp.check_mask(torch.zeros_like(keep), image) == "all unknown"
+    assert rp.check_mask(keep, image) is None

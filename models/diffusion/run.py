@@ -155,7 +155,8 @@ def sample(manager, desc: ModelDescriptor, settings: SampleSettings, *, seed: in
     check_size(facts, height, width, "width/height")
     labels = class_labels(facts, class_label, seed, batch)
     sigmas = get_sigmas(facts.schedule, settings.steps, settings.spacing)
-    x = seeded_normal((batch, facts.in_channels, height, width), seed) * float(sigmas[0])
+    # unit-variance noise in the variance-preserving space, as DDPM/DDIM pipelines start: sqrt(1 + sigma^2) here
+    x = seeded_normal((batch, facts.in_channels, height, width), seed) * math.sqrt(1 + float(sigmas[0]) ** 2)
     return denoise(manager, desc, x, sigmas, settings, seed=seed, labels=labels)
 
 
@@ -186,3 +187,49 @@ def img2img(manager, desc: ModelDescriptor, init: torch.Tensor, settings: Sample
     noise = seeded_normal(tuple(init.shape), seed)
     x = init.float().cpu() + noise * float(sigmas[0])
     return denoise(manager, desc, x, sigmas, settings, seed=seed, labels=labels, what="Diffusion img2img")
+
+
+def inpaint(manager, desc: ModelDescriptor, image: torch.Tensor, keep: torch.Tensor, schedule, *, seed: int,
+            clip: bool | None = None, class_label: int = -1) -> torch.Tensor:  # [B,C,H,W] model space
+    """RePaint image [B,C,H,W] (model space) where keep [B,1,H,W] is 0. A keep that is all 1 gives the image back."""
+    from .repaint import check_mask, model_calls, repaint
+
+    facts = facts_of(desc)
+    if facts.latent:
+        raise InputError("model: RePaint works on pixel-space models; this one works on latents")
+    if image.shape[1] != facts.in_channels:
+        raise InputError(f"image: expected {facts.in_channels} channels for this model, got {image.shape[1]}")
+    check_size(facts, image.shape[2], image.shape[3], "image")
+    state = check_mask(keep, image)
+    if state == "all known":
+        log.info("RePaint: the mask marks nothing to inpaint; the image comes back unchanged")
+        return image.float().cpu()
+    if state == "all unknown":
+        raise InputError("mask: covers the whole image, so nothing of it is kept to inpaint around; use Diffusion "
+                         "Sample to generate a new image")
+    B, _, H, W = image.shape
+    keep = keep.expand(B, -1, -1, -1).float()
+    labels = class_labels(facts, class_label, seed, B)
+    chunk = chunk_size(manager, desc, B, H, W, 1.0)
+    calls = model_calls(schedule, facts.schedule.num_train_timesteps)
+
+    def fn(model: torch.nn.Module) -> torch.Tensor:
+        den = Denoiser(model, facts, clip=clip)
+        device = manager.compute_device
+        outs = []
+        with Progress(calls * math.ceil(B / chunk), "RePaint") as bar:
+            for start in range(0, B, chunk):
+                img = image[start:start + chunk].to(device, torch.float32)
+                draw = seeded_noise_sampler(img, seed + start)
+                x = seeded_normal(tuple(img.shape), seed + start).to(device)
+                extra = {} if labels is None else {"class_labels": labels[start:start + chunk].to(device)}
+
+                def cb(d: dict) -> None:
+                    show = bar.shows_previews and d["i"] % (PREVIEW_EVERY * 4) == 0
+                    bar.update(1, to_preview(d["x"], False) if show else None)
+
+                outs.append(repaint(den, img, keep[start:start + chunk].to(device), lambda: draw(0.0, 0.0),
+                                    schedule, x=x, callback=cb, extra_args=extra).float().cpu())
+        return torch.cat(outs)
+
+    return manager.run(desc, fn)

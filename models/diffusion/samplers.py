@@ -187,9 +187,9 @@ def sample_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
 @torch.no_grad()
 def sample_ddpm(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                 callback: Callable | None = None, disable: bool | None = None,
-                noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
+                noise_sampler: NoiseSampler | None = None, variance: str = "fixed_small") -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, algorithm 2) over any sigma sequence, with the posterior's fixed-small
-    variance, or the learned range of Nichol & Dhariwal 2021 when the denoiser returns one."""
+    variance (or fixed_large: beta), or the learned range of Nichol & Dhariwal 2021 when the denoiser returns one."""
     extra, s, noise = extra_args or {}, _sigma_list(sigmas), _noise(noise_sampler, x)
     for i in _steps(len(s) - 1, disable):
         denoised, frac = _call(model, x, s[i], extra, return_variance=True)
@@ -200,6 +200,8 @@ def sample_ddpm(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
         mean = denoised * (math.sqrt(acp) * beta / (1 - ac)) + x_vp * (math.sqrt(1 - beta) * (1 - acp) / (1 - ac))
         if s[i + 1] > 0:
             var = max((1 - acp) / (1 - ac) * beta, 1e-20)
+            if frac is None and variance == "fixed_large":
+                var = beta
             if frac is not None:
                 std = torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(var)))
             else:

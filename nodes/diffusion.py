@@ -24,6 +24,7 @@ DIFFUSION = "ATELIER_DIFFUSION"
 FOLDERS = ("diffusion_models", "diffusers")
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 CLIP_CHOICES = ("auto", "on", "off")
+UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 TIPS = {
     "model": "A diffusion model from Atelier Load Diffusion Model.",
@@ -45,12 +46,16 @@ TIPS = {
 
 
 def diffusion_choices() -> list[str]:
-    """'folder/name': files in models/diffusion_models, and the UNet weights inside models/diffusers folders."""
+    """'folder/name': files in models/diffusion_models, and the UNet weights inside models/diffusers folders (walked
+    here: ComfyUI lists that folder's entries as whole folders, not files)."""
     m = get_manager()
     names = [f"diffusion_models/{n}" for n in m.list_models("diffusion_models")]
-    names += [f"diffusers/{n}" for n in m.list_models("diffusers")
-              if os.path.basename(n).startswith("diffusion_pytorch_model")]
-    return names or ["(no models found)"]
+    found: set[str] = set()
+    for d in m.folder_dirs("diffusers"):
+        for base, _dirs, files in os.walk(d, followlinks=True):
+            found.update(os.path.normpath(os.path.relpath(os.path.join(base, f), d)).replace(os.sep, "/")
+                         for f in files if f in UNET_FILES)
+    return names + [f"diffusers/{n}" for n in sorted(found)] or ["(no models found)"]
 
 
 def _settings(steps: int, sampler: str, spacing: str, eta: float, guidance: float, clip: str) -> _run.SampleSettings:

@@ -104,3 +104,17 @@ def patch_randn(monkeypatch, module, stream: NoiseStream) -> None:
 
 def unet_fn(unet: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return lambda x, t: unet(x, t).sample
+
+
+def write_tiny_folder(diffusers_root) -> None:
+    """models/diffusers/tiny/{unet,scheduler}: the tiny random UNet2DModel the example workflows load
+    (workflows/diffusion_*.json name diffusers/tiny/unet/diffusion_pytorch_model.safetensors)."""
+    import pathlib
+
+    from diffusers import DDIMScheduler
+
+    folder = pathlib.Path(diffusers_root) / "tiny"
+    if (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        return
+    tiny_unet().inner.save_pretrained(folder / "unet", safe_serialization=True)
+    DDIMScheduler(clip_sample=True).save_pretrained(folder / "scheduler")

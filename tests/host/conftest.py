@@ -63,6 +63,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "inpaint": (),
     "checkpoints": (),
     "diffusion_models": (),
+    "diffusers": (),  # a tiny random UNet2DModel folder is written there (helpers_diffusion.write_tiny_folder)
 }
 # Real weights shipped inside registry packages (installed --no-deps by .ci/setup; read as files, never imported),
 # under the names .ci/models gives them: (folder, package, file inside the package, name in the folder).
@@ -127,6 +128,9 @@ def populate_models(models_root: pathlib.Path, weights: pathlib.Path) -> None:
         pkg = _package_dir(package)
         if pkg is not None and (pkg / rel).is_file():
             _copy(pkg / rel, models_root / folder / name)
+    import helpers_diffusion  # tests/ is on pytest's pythonpath
+
+    helpers_diffusion.write_tiny_folder(models_root / "diffusers")  # what workflows/diffusion_*.json load
 
 
 def _id_key(node_id: str) -> tuple:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_diffusion import tiny_unet
+from helpers_diffusion import tiny_unet, write_tiny_folder
 
 from atelier.models import host
 from atelier.models.diffusion import unet2d_io
@@ -27,10 +27,8 @@ COND = "diffusion_models/tiny_cond.safetensors"
 
 @pytest.fixture
 def models(manager, models_root):
-    unet = tiny_unet().inner
-    folder = models_root / "diffusers" / "tiny"
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
-    diffusers.DDIMScheduler(clip_sample=True).save_pretrained(folder / "scheduler")
+    write_tiny_folder(models_root / "diffusers")  # the model the example workflows load
+    unet = tiny_unet().inner  # the same seeded weights, as diffusers' reference network
     cond = tiny_unet(seed=1, num_class_embeds=4).inner
     unet2d_io.save_unet(models_root / "diffusion_models" / "tiny_cond.safetensors", cond, dict(cond.config))
     return unet, cond

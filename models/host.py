@@ -193,3 +193,69 @@ def throw_if_interrupted() -> None:
     mm = _mm()
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
+
+
+# ---------------------------------------------------------------- the diffusion bridge (core MODEL over our denoisers)
+
+
+class _BridgedNet(torch.nn.Module):
+    """Our diffusion network with the call core's BaseModel makes: (x, t, context=..., control=..., ...) ->
+    the prediction channels only (a learned variance is dropped: core samplers do not use it)."""
+
+    def __init__(self, net: torch.nn.Module, channels: int, class_label: int | None) -> None:
+        super().__init__()
+        self.net = net
+        self.channels = channels
+        self.class_label = class_label
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: Any = None, control: Any = None,
+                transformer_options: Any = None, **kwargs: Any) -> torch.Tensor:
+        labels = None
+        if self.class_label is not None:
+            labels = torch.full((x.shape[0],), self.class_label, dtype=torch.long, device=x.device)
+        return self.net(x, t.float(), labels)[:, : self.channels]
+
+
+def bridge_diffusion_model(desc: Any, sigmas: torch.Tensor, class_label: int | None = None) -> Any:
+    """A core MODEL (ModelPatcher over a BaseModel) that runs our diffusion network: the latent space is the model's
+    own space (pixels in -1..1 or its latents, scale 1), `model_sampling` is discrete with our training sigmas
+    [T] (so core's timestep mapping sees the exact schedule), the prediction type maps to EPS / V_PREDICTION / X0.
+    Core samplers never clip x0. Only inside ComfyUI."""
+    if not available():
+        raise RuntimeError("the diffusion bridge needs ComfyUI (its MODEL type exists only there)")
+    import comfy.latent_formats as lf  # noqa: PLC0415
+    import comfy.model_base as mb  # noqa: PLC0415
+    import comfy.model_patcher as mp  # noqa: PLC0415
+    import comfy.model_sampling as ms  # noqa: PLC0415
+    import comfy.supported_models_base as smb  # noqa: PLC0415
+
+    facts = desc.extra
+    c = int(facts.in_channels)
+
+    class PixelFormat(lf.LatentFormat):
+        latent_channels = c
+        latent_rgb_factors = [[1.0 if i == j else 0.0 for j in range(3)] for i in range(c)] if c == 3 else None
+
+    class Config(smb.BASE):
+        unet_config = {"disable_unet_model_creation": True, "in_channels": c}
+        latent_format = PixelFormat
+        sampling_settings = {"timesteps": int(facts.schedule.num_train_timesteps)}
+        memory_usage_factor = float(desc.bytes_per_pixel or 1024.0) / (4 * 0.01 * 1024 * 1024)
+        supported_inference_dtypes = [torch.float32]
+
+    config = Config(Config.unet_config)
+    base = mb.BaseModel(config, model_type=mb.ModelType.EPS, device=None)
+    base.diffusion_model = _BridgedNet(desc.model, c, class_label)
+    kind = {"epsilon": ms.EPS, "v_prediction": ms.V_PREDICTION, "sample": ms.X0}[facts.schedule.prediction_type]
+
+    class Sampling(ms.ModelSamplingDiscrete, kind):
+        pass
+
+    base.model_sampling = Sampling(config)
+    base.model_sampling.set_sigmas(sigmas.float())
+    mm = _mm()
+    return mp.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())

@@ -282,15 +282,125 @@ def _mask(mask: object, x: torch.Tensor) -> torch.Tensor:  # [B|1,1,H,W] float i
     return m.float().clamp(0, 1)[:, None]
 
 
+class AtelierDiffusionToModel:
+    DESCRIPTION = ("Hands a loaded diffusion model to ComfyUI's own samplers as a core MODEL: KSampler, "
+                   "SamplerCustomAdvanced, every core scheduler, SetLatentNoiseMask inpainting and Differential "
+                   "Diffusion then drive it. Use Atelier Empty Pixel Latent for the starting latent, Atelier Empty "
+                   "Conditioning for positive and negative with cfg 1, and Atelier Pixel Latent To Image at the end. "
+                   "Core samplers never clip the predicted image (Diffusion Sample can). Inside ComfyUI only.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A core MODEL over this network with its exact training noise schedule.",)
+    FUNCTION = "bridge"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (DIFFUSION, {"tooltip": TIPS["model"]}),
+            "class_label": ("INT", {"default": -1, "min": -1, "max": 100000, "tooltip": "The class every image "
+                            "gets (class-conditional models); -1: none (unconditional models)."}),
+        }}
+
+    def bridge(self, model, class_label: int):
+        from ..models import host
+        from ..models.diffusion.schedules import training_sigmas
+
+        facts = _run.facts_of(_model(model), "model")
+        if not host.available():
+            raise InputError("model: the bridge to core samplers runs inside ComfyUI only; outside it use Atelier "
+                             "Diffusion Sample")
+        _run.class_labels(facts, int(class_label), 0, 1)  # out of range, or given to an unconditional model
+        if facts.num_classes > 0 and class_label < 0:
+            raise InputError(f"class_label: this model has {facts.num_classes} classes; give one (0.."
+                             f"{facts.num_classes - 1})")
+        label = int(class_label) if class_label >= 0 else None
+        return (host.bridge_diffusion_model(model, training_sigmas(facts.schedule), label),)
+
+
+class AtelierEmptyPixelLatent:
+    DESCRIPTION = ("A LATENT of zeros in a diffusion model's own space (pixels for a pixel model), the starting "
+                   "point for core KSampler on a bridged model (Atelier Diffusion To MODEL).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Zeros [B,channels,H,W] for the model.",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (DIFFUSION, {"tooltip": TIPS["model"]}),
+            "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Width in the model's "
+                      "units; 0: its training size."}),
+            "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Height, like width."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Number of images."}),
+        }}
+
+    def make(self, model, width: int, height: int, batch_size: int):
+        facts = _run.facts_of(_model(model), "model")
+        w, h = int(width) or (facts.sample_size or 0), int(height) or (facts.sample_size or 0)
+        _run.check_size(facts, h, w, "width/height")
+        return ({"samples": torch.zeros(int(batch_size), facts.in_channels, h, w)},)
+
+
+class AtelierEmptyConditioning:
+    DESCRIPTION = ("The conditioning an unconditional model needs for core samplers: one entry with no text "
+                   "embedding. Connect it to positive and negative and keep cfg at 1.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("[[None, {}]]: no text (an empty list would make core's samplers return zeros).",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def make(self):
+        return ([[None, {}]],)
+
+
+class AtelierPixelLatentToImage:
+    DESCRIPTION = ("Turns a pixel model's LATENT (its -1..1 pixels, e.g. from core KSampler on a bridged model) into "
+                   "an IMAGE.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The pixels mapped from -1..1 to 0..1 and clamped.",)
+    FUNCTION = "convert"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"latent": ("LATENT", {"tooltip": "Pixels in -1..1 as a LATENT ([B,1 or 3,H,W])."})}}
+
+    def convert(self, latent):
+        if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+            raise InputError(f"latent: expected a LATENT (a dict with 'samples'), got {type(latent).__name__}")
+        x = latent["samples"]
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise InputError(f"latent: expected pixels [B,1 or 3,H,W], got shape {tuple(x.shape)}; latents of a "
+                             "VAE go to a VAE decoder")
+        return (_outputs(x.float(), False)[0],)
+
+
 NODE_CLASS_MAPPINGS = {
     "AtelierLoadDiffusionModel": AtelierLoadDiffusionModel,
     "AtelierDiffusionSample": AtelierDiffusionSample,
     "AtelierDiffusionImg2Img": AtelierDiffusionImg2Img,
     "AtelierRePaint": AtelierRePaint,
+    "AtelierDiffusionToModel": AtelierDiffusionToModel,
+    "AtelierEmptyPixelLatent": AtelierEmptyPixelLatent,
+    "AtelierEmptyConditioning": AtelierEmptyConditioning,
+    "AtelierPixelLatentToImage": AtelierPixelLatentToImage,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierLoadDiffusionModel": "Atelier Load Diffusion Model",
     "AtelierDiffusionSample": "Atelier Diffusion Sample",
     "AtelierDiffusionImg2Img": "Atelier Diffusion Img2Img",
     "AtelierRePaint": "Atelier RePaint",
+    "AtelierDiffusionToModel": "Atelier Diffusion To MODEL",
+    "AtelierEmptyPixelLatent": "Atelier Empty Pixel Latent",
+    "AtelierEmptyConditioning": "Atelier Empty Conditioning",
+    "AtelierPixelLatentToImage": "Atelier Pixel Latent To Image",
 }

@@ -195,3 +195,40 @@ def test_interrupt_stops_within_a_step(models, monkeypatch):
     with pytest.raises(Stop):
         AtelierDiffusionSample().sample(desc, **_sample_args(steps=50))
     assert calls["n"] == 4  # entry check + 3 steps: the run stopped at the first step after the interrupt
+
+
+def test_progress_per_step_and_previews_every_few_steps(models, monkeypatch):
+    from atelier.models.diffusion import run
+
+    desc = AtelierLoadDiffusionModel().load(UNCOND)[0]
+    updates = []
+
+    class Bar:  # stands in for ComfyUI's ProgressBar
+        def update_absolute(self, value, total, preview=None):
+            updates.append((value, total, preview))
+
+    monkeypatch.setattr(host, "progress_bar", lambda total: Bar())
+    AtelierDiffusionSample().sample(desc, **_sample_args(batch_size=1, steps=12))
+    assert [u[0] for u in updates] == list(range(1, 13)) and all(u[1] == 12 for u in updates)
+    shown = [u[0] for u in updates if u[2] is not None]
+    assert shown == [run.PREVIEW_EVERY, 2 * run.PREVIEW_EVERY, 12]  # every few steps, and the last
+    kind, image, size = updates[-1][2]
+    assert kind == "JPEG" and image.size == (16, 16)
+
+
+def test_latent_model_gives_and_takes_latents(manager, models_root):
+    unet = tiny_unet(seed=2, channels=4).inner
+    unet2d_io.save_unet(models_root / "diffusion_models" / "tiny_latent.safetensors", unet, dict(unet.config),
+                        latent=True)
+    desc = AtelierLoadDiffusionModel().load("diffusion_models/tiny_latent.safetensors")[0]
+    assert desc.extra.latent
+    image, latent = AtelierDiffusionSample().sample(desc, **_sample_args(steps=4, width=8, height=6))
+    assert latent["samples"].shape == (2, 4, 6, 8) and image.shape == (2, 6, 8, 3)
+    again = AtelierDiffusionImg2Img().img2img(desc, 0.5, 0, 4, "euler", "trailing", 0.0, -1, 1.0, "auto",
+                                              latent=latent)[1]
+    assert again["samples"].shape == (2, 4, 6, 8)
+    with pytest.raises(InputError, match="image: this is a latent model"):
+        AtelierDiffusionImg2Img().img2img(desc, 0.5, 0, 4, "euler", "trailing", 0.0, -1, 1.0, "auto",
+                                          image=torch.rand(1, 8, 8, 3))
+    with pytest.raises(InputError, match="RePaint works on pixel-space models"):
+        AtelierRePaint().inpaint(desc, torch.rand(1, 8, 8, 3), torch.zeros(1, 8, 8), 0, 10, 5, 2, 0.0, 0.0, "auto")

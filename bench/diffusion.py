@@ -10,7 +10,8 @@ diffusers through UNet2DModel.from_pretrained. Both start from the same noise (o
 randn_tensor patched to return it), so their outputs are compared too ("max_diff", on [0,1] images).
 
 Cells, each in a fresh process (one pipeline, one batch, one side): wall time of the whole call (median of --repeats
-after a 1-step warm-up) and the process's peak resident memory during the calls ("peak_mb": whole process; "growth_mb":
+after a 1-step warm-up), its CPU time ("cpu_s", the fairer figure on a shared, overloaded machine; --threads pins
+torch's threads on both sides) and the process's peak resident memory during the calls ("peak_mb": whole process; "growth_mb":
 above the loaded baseline). DDPM runs --steps steps (diffusers' DDPMPipeline default is 1000; the per-step cost is
 what is compared). RePaint: batch 1 at the reference settings (250 steps, jump length 10, 10 resamplings: 2,410 model
 calls) unless told fewer; the cheaper schedule's model calls are reported beside it. Last line: one JSON object.
@@ -143,22 +144,26 @@ def worker(side: str, pipeline: str, batch: int, models: str, out_path: str, a) 
     import torch
 
     torch.set_grad_enabled(False)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     with torch.inference_mode():
         run, steps = (_ours if side == "ours" else _diffusers)(models, pipeline, batch, a)
         run(1)  # warm-up: imports, weights paged in
         base, reset = reset_peak()
-        times, out = [], None
+        times, cpu, out = [], [], None
         for _ in range(a.repeats if pipeline != "repaint" else 1):
             if a.device == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = run(steps)
             if a.device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         peak = peak_rss(reset)
     torch.save(out.float().cpu(), out_path)
     cell = {"wall_s": round(statistics.median(times), 3), "runs": [round(t, 3) for t in times],
+            "cpu_s": round(statistics.median(cpu), 3),
             "peak_mb": round(peak / 2**20), "growth_mb": round((peak - base) / 2**20), "steps": steps}
     if a.device == "cuda":
         cell["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
@@ -169,7 +174,8 @@ def worker(side: str, pipeline: str, batch: int, models: str, out_path: str, a) 
 def run_cell(side: str, pipeline: str, batch: int, models: str, out_path: str, a, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, pipeline, str(batch), "--models-dir", models, "--out",
            out_path, "--steps", str(a.steps), "--repeats", str(a.repeats), "--repaint-steps", str(a.repaint_steps),
-           "--jump-length", str(a.jump_length), "--jump-n-sample", str(a.jump_n_sample), "--device", a.device]
+           "--jump-length", str(a.jump_length), "--jump-n-sample", str(a.jump_n_sample), "--device", a.device,
+           "--threads", str(a.threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jump-length", type=int, default=10)
     p.add_argument("--jump-n-sample", type=int, default=10)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in every cell (0: torch's default)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell")
     p.add_argument("--models-dir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -223,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells["max_diff"] = float((o - d).abs().max())
                 summary[f"{pipeline}_b{batch}"] = {
                     "time": round(cells["ours"]["wall_s"] / cells["diffusers"]["wall_s"], 3),
+                    "cpu_time": round(cells["ours"]["cpu_s"] / cells["diffusers"]["cpu_s"], 3),
                     "peak": round(cells["ours"]["peak_mb"] / cells["diffusers"]["peak_mb"], 3),
                     "growth": round(cells["ours"]["growth_mb"] / max(1, cells["diffusers"]["growth_mb"]), 3),
                     "max_diff": round(cells["max_diff"], 6)}

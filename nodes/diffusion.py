@@ -225,8 +225,8 @@ class AtelierRePaint:
     DESCRIPTION = ("Fills the masked part of an image with an unconditional pixel diffusion model (RePaint, Lugmair "
                    "et al. 2022): the unmasked part is pinned to the original at every step, and the sampler "
                    "repeatedly steps back up and down again so the filled part blends with the rest. The defaults "
-                   "are the paper's (2,410 model calls); resample_from 0.5 with 100 steps costs 460 and keeps most "
-                   "of the blending.")
+                   "are the paper's (2,410 model calls); jump_n_sample 2 costs 490 and, measured against exact "
+                   "inpainting, stays close to the paper's quality (no resampling at all is clearly worse).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -249,7 +249,8 @@ class AtelierRePaint:
                               "is walked: more blends better and costs more; 1 turns resampling off (paper: 10)."}),
             "resample_from": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
                               "Resample only in the noisier part of the run: 0 everywhere (the paper), 0.5 only in "
-                              "the noisy half, where shapes are decided; the clean end is then walked once."}),
+                              "the noisy half; the clean end is then walked once. Measured: fewer repeats everywhere "
+                              "(jump_n_sample 2) blends better than the same calls spent on the noisy half."}),
             "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "Fresh noise in the "
                     "filled area per step: 0 (diffusers' default) or 1 (the original DDPM sampler)."}),
             "clip": (list(CLIP_CHOICES), {"default": "auto", "tooltip": TIPS["clip"]}),

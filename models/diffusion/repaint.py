@@ -12,7 +12,10 @@ RePaintPipeline (same noise draws in the same order: one per step down, T/steps 
                    noise), where resampling happens; the reference resamples everywhere (0..1)
 
 Model calls: steps + (jump points) * (jump_n_sample - 1) * jump_length; the reference (250 steps, j 10, r 10) makes
-2,410. `CHEAP` resamples only in the noisy half, where the layout is decided, with 100 steps: 460 calls.
+2,410. `CHEAP` walks each stretch twice instead of ten times: 490 calls (about 1/5). Measured against exact Bayesian
+inpainting under a Gaussian image prior (bench/repaint_quality.py; score 1.0 = exact posterior samples), two runs:
+reference 1.02 / 0.97, CHEAP 1.03 / 1.08, no resampling (250 calls) 1.13-1.30; resampling only the noisy half
+(100 steps, 460 calls) 1.07-1.19, so spreading fewer repeats over the whole run beat concentrating them.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ class RePaintSchedule:
 
 
 REFERENCE = RePaintSchedule()
-CHEAP = RePaintSchedule(steps=100, jump_length=10, jump_n_sample=10, resample_from=0.5, resample_to=1.0)
+CHEAP = RePaintSchedule(steps=250, jump_length=10, jump_n_sample=2)
 
 
 def repaint_steps(schedule: RePaintSchedule, num_train_timesteps: int) -> list[int]:

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
-from .kl import GroupNorm  # GroupNorm with collectable / fixable statistics (for tiled taef2)
+from .kl import GroupNorm  # nn.GroupNorm with the same keys (fixable statistics, unused here)
 
 log = logging.getLogger(__name__)
 

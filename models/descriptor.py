@@ -50,7 +50,6 @@ class ModelDescriptor:
     size_requirements: SizeRequirements = field(default_factory=SizeRequirements)
     tiling: str = "supported"  # "supported" | "discouraged" | "internal" | "none"
     receptive_field: int | None = None  # input pixels of context a tile needs on each side for exact results
-    tile_hint: int | None = None  # preferred tile side in input pixels, if the architecture has one
     bytes_per_pixel: float | None = None  # activation memory per input pixel at fp32 for a batch of 1
     config: dict[str, Any] = field(default_factory=dict)  # architecture hyper-parameters (JSON-serialisable)
     source: str = ""  # the file it came from
@@ -93,7 +92,6 @@ class ModelDescriptor:
             "size_requirements": dataclasses.asdict(self.size_requirements),
             "tiling": self.tiling,
             "receptive_field": self.receptive_field,
-            "tile_hint": self.tile_hint,
             "parameters": self.parameters,
             "weight_bytes": self.weight_bytes,
             "memory_estimate_512px_fp32": self.memory_estimate(),

@@ -174,7 +174,6 @@ def from_spandrel(sp: Any, source: str = "") -> ModelDescriptor:
         size_requirements=SizeRequirements(req.minimum, req.multiple_of, req.square),
         tiling=tiling,
         receptive_field=int(context),
-        tile_hint=None,
         bytes_per_pixel=bpp,
         config={
             "spandrel_id": arch_id,

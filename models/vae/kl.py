@@ -402,7 +402,6 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         size_requirements=SizeRequirements(multiple_of=f),
         tiling="supported",  # exact through kl_bands: bands with whole-image GroupNorm statistics, mid block whole
         receptive_field=None,
-        tile_hint=64 if decoder else 512,
         bytes_per_pixel=config["decode_bytes_per_latent_pixel"] if decoder else config["encode_bytes_per_pixel"],
         config=config,
     )

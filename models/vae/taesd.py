@@ -190,16 +190,6 @@ class TAESD(nn.Module):
         return x.clamp(0, 1)
 
 
-def set_variant(desc: ModelDescriptor, variant: str) -> None:
-    """Give a loaded TAESD the latent scale/shift of `variant` (when its file name did not say which it is)."""
-    if variant not in VARIANTS:
-        raise InputError(f"TAESD variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
-    model = desc.model
-    model.variant = variant
-    model.vae_scale, model.vae_shift = VARIANTS[variant]
-    desc.config.update(variant=variant, variant_guessed=False, vae_scale=model.vae_scale, vae_shift=model.vae_shift)
-
-
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """[B,C,H,W] -> [B,4C,H/2,W/2], channel order c*4 + dy*2 + dx (ComfyUI/FLUX.2)."""
     b, c, h, w = z.shape
@@ -221,20 +211,6 @@ def merge_state_dicts(encoder_sd: dict | None, decoder_sd: dict | None) -> dict[
     for prefix, sd in (("encoder.", encoder_sd), ("decoder.", decoder_sd)):
         out.update({prefix + k: v for k, v in (sd or {}).items()})
     return out
-
-
-def companion_path(path: str) -> str | None:
-    """`x_encoder.pth` <-> `x_decoder.pth` (any extension of the pair) if that file exists beside it."""
-    folder, name = os.path.split(path)
-    m = re.match(r"(.*)_(encoder|decoder)(\.[^.]+)$", name)
-    if not m:
-        return None
-    other = "decoder" if m.group(2) == "encoder" else "encoder"
-    for ext in (m.group(3), ".safetensors", ".pth", ".pt", ".sft"):
-        cand = os.path.join(folder, f"{m.group(1)}_{other}{ext}")
-        if os.path.isfile(cand):
-            return cand
-    return None
 
 
 def _kind_keys() -> dict[str, set[str]]:
@@ -358,7 +334,6 @@ def _descriptor(model: TAESD, variant: str, guessed: bool, pool: bool) -> ModelD
         size_requirements=SizeRequirements(multiple_of=f),
         tiling="discouraged" if pool else "supported",  # GroupNorm pool layers: tiles need fixed statistics
         receptive_field=config["decoder_receptive_field_latent"] if model.has_decoder else None,
-        tile_hint=None,
         bytes_per_pixel=config["decode_bytes_per_latent_pixel"] if model.has_decoder else config["encode_bytes_per_pixel"],
         config=config,
     )

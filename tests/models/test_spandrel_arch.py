@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-spandrel = pytest.importorskip("spandrel")
+import spandrel  # a runtime dependency of the pack: missing is a failure, not a skip
 
 from atelier.models import registry  # noqa: E402
 from atelier.models.errors import ModelLoadError, UnknownModelError, WrongFamilyError  # noqa: E402

@@ -9,8 +9,9 @@ hands the state dict to `check_roundtrip`. The harness then, for each file forma
 2. loads it by name through a fresh `ModelManager` over that folder (the path every node takes: the safe readers of
    models/loading.py, the registry's detectors, the family check, placement on the CPU);
 3. checks the descriptor facts given (`facts`, dotted names into the descriptor: "architecture", "model.z_dim",
-   "config.channels", "size_requirements.multiple_of", ...), that every format gives the same `to_json()` facts,
-   that the module is in eval mode without gradients, and that `run(model)` equals `expected` within `tol`.
+   "config.channels", "size_requirements.multiple_of", ...) and that the module is in eval mode without gradients;
+4. on the first format, that `run(model)` equals `expected` within `tol`; on the others (to keep tests fast), that
+   the loaded module holds the same tensors, tensor for tensor, and `to_json()` gives the same facts.
 
 `expected` must not be flat (a comparison against a constant proves little): the harness refuses one whose spread is
 below `10 * tol`. It returns the first format's descriptor for the test's own further checks.
@@ -92,6 +93,13 @@ def _comparable(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if k != "source"}
 
 
+def _assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module, what: str) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys(), f"{what}: different state-dict keys"
+    for k, v in sa.items():
+        assert v.dtype == sb[k].dtype and torch.equal(v, sb[k]), f"{what}: tensor {k!r} differs"
+
+
 def check_roundtrip(
     tmp_path: pathlib.Path,
     state_dict: Mapping[str, torch.Tensor],
@@ -119,12 +127,14 @@ def check_roundtrip(
             assert got == want, f"{fmt}: descriptor {dotted} = {got!r}, expected {want!r}"
         assert not desc.model.training, f"{fmt}: loaded module left in training mode"
         assert not any(p.requires_grad for p in desc.model.parameters()), f"{fmt}: parameters require grad"
-        with torch.no_grad():
-            out = run(desc.model)
-        assert out.shape == expected.shape, f"{fmt}: output shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
-        err = (out.detach().float() - expected).abs().max().item()
-        assert err <= tol, f"{fmt}: max abs difference {err:.3g} from the directly built module (tolerance {tol:g})"
         if descs:
             assert _comparable(desc.to_json()) == _comparable(descs[0].to_json()), f"{fmt}: facts differ by format"
+            _assert_same_tensors(desc.model, descs[0].model, f"{fmt} vs {formats[0]}")
+        else:
+            with torch.no_grad():
+                out = run(desc.model)
+            assert out.shape == expected.shape, f"{fmt}: output shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
+            err = (out.detach().float() - expected).abs().max().item()
+            assert err <= tol, f"{fmt}: max abs difference {err:.3g} from the directly built module (tolerance {tol:g})"
         descs.append(desc)
     return descs[0]

@@ -53,7 +53,12 @@ def write_model(
     """Write `state_dict` as `.safetensors` (with `metadata`) or `.pth` (`torch.save` of `pth_object` or the dict)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        flat = {k: v.detach().clone().contiguous() for k, v in state_dict.items()}  # no shared storage
+        flat, seen = {}, set()
+        for k, v in state_dict.items():  # safetensors refuses tensors that share storage: copy only those
+            v = v.detach().contiguous()
+            ptr = v.untyped_storage().data_ptr()
+            flat[k] = v.clone() if ptr in seen else v
+            seen.add(ptr)
         save_file(flat, str(path), metadata=dict(metadata) if metadata else None)
     else:
         torch.save(pth_object if pth_object is not None else dict(state_dict), path)

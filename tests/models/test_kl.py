@@ -1,12 +1,15 @@
 """KL autoencoders against diffusers' AutoencoderKL on the same random weights, in both key layouts."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from atelier.models.errors import InputError
 from atelier.models.registry import detect as registry_detect
 from atelier.models.vae import kl, taesd
+from harness import check_roundtrip  # tests/ is on pytest's pythonpath
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -42,34 +45,34 @@ def _compvis_state_dict(cfg: dict, prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in model.state_dict().items()}
 
 
-def _compare(ours: torch.nn.Module, ref: torch.nn.Module, latent_channels: int) -> tuple[float, float]:
+def _roundtrip(tmp_path, sd: dict, ref: torch.nn.Module, cfg: dict, facts: dict) -> None:
+    """The shared round trip (a file, a fresh manager) against diffusers: encoder means and decoded images."""
     x = torch.rand(2, 3, 32, 48)  # [B,3,H,W] in [0,1]
-    z = torch.randn(2, latent_channels, 8, 12)
+    z = torch.randn(2, cfg["latent_channels"], 8, 12)
     with torch.no_grad():
         enc_ref = ref.encode(x * 2 - 1).latent_dist.mean
         dec_ref = ((ref.decode(z).sample + 1) / 2).clamp(0, 1)
-        enc, dec = ours.encode(x), ours.decode(z)
-    assert enc.shape == enc_ref.shape and dec.shape == dec_ref.shape
     assert dec_ref.std() > 0.05 and enc_ref.std() > 0.05  # a non-trivial comparison
-    return (enc - enc_ref).abs().max().item(), (dec - dec_ref).abs().max().item()
+    check_roundtrip(  # norm_num_groups has no shape: the file's metadata says it (safetensors only)
+        tmp_path, sd, metadata={"config": json.dumps({"norm_num_groups": cfg["norm_num_groups"]})},
+        formats=["safetensors"], folder="vae", family="vae", tol=TOL,
+        run=lambda m: torch.cat([m.encode(x).flatten(), m.decode(z).flatten()]),
+        expected=torch.cat([enc_ref.flatten(), dec_ref.flatten()]),
+        facts={"family": "vae", "model.latent_channels": cfg["latent_channels"],
+               "config.quant_conv": cfg.get("use_quant_conv", True), **facts})
 
 
 @pytest.mark.parametrize("cfg", [SMALL, FLUX_LIKE], ids=["kl4", "kl16_noquant"])
-def test_diffusers_layout_matches_diffusers(cfg):
+def test_diffusers_layout_matches_diffusers(cfg, tmp_path):
     ref = _diffusers_vae(cfg)
     sd = ref.state_dict()
     assert kl.detect(sd, {}) and not taesd.detect(sd, {})
-    desc = kl.load(sd, {"config": {"norm_num_groups": cfg["norm_num_groups"]}})
-    assert desc.family == "vae" and desc.config["layout"] == "diffusers"
-    assert desc.model.latent_channels == cfg["latent_channels"]
-    assert desc.config["quant_conv"] == cfg.get("use_quant_conv", True)
-    enc_err, dec_err = _compare(desc.model, ref, cfg["latent_channels"])
-    assert enc_err < TOL and dec_err < TOL, (enc_err, dec_err)
+    _roundtrip(tmp_path, sd, ref, cfg, {"config.layout": "diffusers"})
 
 
 @pytest.mark.parametrize("cfg", [SMALL, FLUX_LIKE], ids=["kl4", "kl16_noquant"])
 @pytest.mark.parametrize("prefix", ["", "first_stage_model."])
-def test_compvis_layout_matches_diffusers(cfg, prefix):
+def test_compvis_layout_matches_diffusers(cfg, prefix, tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     sd = _compvis_state_dict(cfg, prefix)
@@ -79,10 +82,7 @@ def test_compvis_layout_matches_diffusers(cfg, prefix):
     ref = _diffusers_vae(cfg, converted)
     if prefix:  # a full checkpoint: the rest of the model must be ignored
         sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(8, 4, 3, 3)
-    desc = kl.load(sd, {"config": {"norm_num_groups": cfg["norm_num_groups"]}})
-    assert desc.config["layout"] == "compvis"
-    enc_err, dec_err = _compare(desc.model, ref, cfg["latent_channels"])
-    assert enc_err < TOL and dec_err < TOL, (enc_err, dec_err)
+    _roundtrip(tmp_path, sd, ref, cfg, {"config.layout": "compvis"})
 
 
 def test_sampling_matches_diffusers_posterior():

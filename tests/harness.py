@@ -115,17 +115,22 @@ def check_roundtrip(
     folder: str = "gans",
     family: str | tuple[str, ...] | None = None,
     formats: Sequence[str] = FORMATS,
+    name: str = "tiny",
     metadata: Mapping[str, str] | None = None,
     pth_object: Any = None,
     tol: float = 1e-5,
 ) -> ModelDescriptor:
-    """Each format through a fresh manager: the same facts, and `run(model)` equal to `expected` within `tol`."""
+    """Each format through a fresh manager: the same facts, and `run(model)` equal to `expected` within `tol`.
+
+    `name` is the file's stem (some architectures read a variant from it, e.g. "taesdxl_decoder"); a fact's expected
+    value may be `pytest.approx(...)`.
+    """
     expected = expected.detach().float()
     spread = (expected - expected.mean()).abs().max().item()
     assert spread > 10 * tol, f"expected output is flat (spread {spread:.3g}): the comparison would prove little"
     descs: list[ModelDescriptor] = []
     for fmt in formats:
-        desc = load_file(tmp_path, state_dict, fmt=fmt, folder=folder, family=family, metadata=metadata,
+        desc = load_file(tmp_path, state_dict, fmt=fmt, folder=folder, family=family, name=name, metadata=metadata,
                          pth_object=pth_object)
         for dotted, want in (facts or {}).items():
             got = fact(desc, dotted)

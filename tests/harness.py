@@ -137,14 +137,14 @@ def check_roundtrip(
             assert got == want, f"{fmt}: descriptor {dotted} = {got!r}, expected {want!r}"
         assert not desc.model.training, f"{fmt}: loaded module left in training mode"
         assert not any(p.requires_grad for p in desc.model.parameters()), f"{fmt}: parameters require grad"
-        if descs:
+        if descs:  # compared before any module runs (some re-parameterise their weights on the first call)
             assert _comparable(desc.to_json()) == _comparable(descs[0].to_json()), f"{fmt}: facts differ by format"
             _assert_same_tensors(desc.model, descs[0].model, f"{fmt} vs {formats[0]}")
-        else:
-            with torch.no_grad():
-                out = run(desc.model)
-            assert out.shape == expected.shape, f"{fmt}: output shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
-            err = (out.detach().float() - expected).abs().max().item()
-            assert err <= tol, f"{fmt}: max abs difference {err:.3g} from the directly built module (tolerance {tol:g})"
         descs.append(desc)
+    with torch.no_grad():
+        out = run(descs[0].model)
+    what = f"{formats[0]}: output"
+    assert out.shape == expected.shape, f"{what} shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
+    err = (out.detach().float() - expected).abs().max().item()
+    assert err <= tol, f"{what}: max abs difference {err:.3g} from the directly built module (tolerance {tol:g})"
     return descs[0]

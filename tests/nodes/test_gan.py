@@ -11,10 +11,11 @@ import torch
 
 from atelier.models.errors import InputError, WrongFamilyError
 from atelier.models.gan.sampling import to_w
+from atelier.models.loading import read_state_dict
 from atelier.models.manager import get_manager
 from atelier.nodes import NODE_CLASS_MAPPINGS
 from atelier.nodes import gan as N
-from helpers_packages import package_file  # tests/ is on pytest's pythonpath
+from helpers_packages import package_file, package_module  # tests/ is on pytest's pythonpath
 
 
 def run(node_cls, **kwargs):
@@ -137,12 +138,24 @@ def test_project_node_resizes_with_a_note(gans):
     assert out["ui"]["text"] == [report]
 
 
-def test_image_to_image_node_keeps_the_size(gans):
+def test_image_to_image_node_equals_the_package_generator(gans):
+    """vintagify's own ResnetGenerator on the same weights is the reference, [0,1] -> [-1,1] -> G -> [0,1]. 45x70 is
+    no multiple of 4: the node pads by reflection and crops back, so it equals the reference run on torch's
+    reflect-padded image (48x72), cropped."""
+    weights = package_file("vintagify", "resources/G_A2B_epoch33.pth")
+    ref = package_module("vintagify", "generator.py").ResnetGenerator(n_blocks=9)
+    ref.load_state_dict(read_state_dict(weights)[0])
+    ref.eval()
     gan = load("cyclegan_vintage.pth")
     photo = torch.rand(2, 45, 70, 3)
     (out,) = run(N.AtelierImageToImageGAN, gan=gan, image=photo, tile_size=0)
-    assert out.shape == (2, 45, 70, 3) and 0 <= out.min() and out.max() <= 1
-    assert (out - photo).abs().mean() > 0.01  # it changed the picture
+    assert out.shape == (2, 45, 70, 3)
+    x = photo.movedim(-1, 1) * 2 - 1  # [2,3,45,70] in [-1,1]
+    with torch.no_grad():
+        want = ref(torch.nn.functional.pad(x, (0, 2, 0, 3), mode="reflect"))[..., :45, :70]
+    want = ((want + 1) / 2).clamp(0, 1).movedim(1, -1)
+    assert want.std() > 0.05 and (want - photo).abs().mean() > 0.01  # a real translation, not the identity
+    assert (out - want).abs().max().item() <= 1e-4
 
 
 def test_bad_inputs_are_refused_by_name(gans):

@@ -82,11 +82,18 @@ def test_faces_sample_node_equals_package_generator(gans):
 
 
 def test_mlp_digits_come_out_as_rgb_images(gans):
+    """Grey digits as RGB IMAGE, equal to the generator the weights README describes (Linear-ReLU x2, Linear-Tanh)."""
     gan = load("gan_mlp_G.ckpt")
     (latent,) = run(N.AtelierGANLatent, gan=gan, seed=0, batch_size=2, space="z", class_label=-1)
     (images,) = run(N.AtelierGANSample, gan=gan, latent=latent, truncation_psi=1.0, truncation_cutoff=0,
                     noise_mode="const", noise_seed=0)
     assert images.shape == (2, 28, 28, 3) and torch.equal(images[..., 0], images[..., 2])
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                              torch.nn.Linear(256, 784), torch.nn.Tanh())
+    ref.load_state_dict(read_state_dict(gans / "gan_mlp_G.ckpt")[0])
+    with torch.no_grad():
+        digits = ((ref(latent.tensor) + 1) / 2).view(2, 28, 28)
+    assert digits.std() > 0.1 and (images[..., 1] - digits).abs().max().item() <= 1e-5
 
 
 def test_walk_and_interpolation_nodes(gans):

@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
+from .loading import MODEL_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
 # The pack's own model folders (ComfyUI has the others already).
 PACK_FOLDERS = ("gans", "inpaint")
-MODEL_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin", ".pkl", ".tar"}
 
 
 def _mm() -> ModuleType | None:

@@ -40,15 +40,6 @@ def is_ui(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("nodes"), list)
 
 
-def is_api(data: Any) -> bool:
-    """An API-format prompt: a dict whose values are dicts with ``class_type``."""
-    return (
-        isinstance(data, dict)
-        and bool(data)
-        and all(isinstance(v, dict) and "class_type" in v for v in data.values())
-    )
-
-
 def _read_png_text(path: pathlib.Path) -> dict[str, str]:
     from PIL import Image
 

@@ -71,14 +71,6 @@ def folder_dirs(folder: str) -> list[str] | None:
     return list(fp.get_folder_paths(folder))
 
 
-def io_directory(kind: str) -> str | None:
-    """ComfyUI's input/output/temp directory, or None outside ComfyUI."""
-    fp = _folder_paths()
-    if fp is None:
-        return None
-    return {"input": fp.get_input_directory, "output": fp.get_output_directory, "temp": fp.get_temp_directory}[kind]()
-
-
 # ---------------------------------------------------------------- devices and memory
 
 
@@ -160,11 +152,6 @@ def unload_patcher(patcher: Any) -> None:
             break
     else:
         patcher.detach()
-
-
-def is_loaded(patcher: Any) -> bool:
-    mm = _mm()
-    return any(loaded.model is patcher for loaded in mm.current_loaded_models)
 
 
 # ---------------------------------------------------------------- progress and interruption

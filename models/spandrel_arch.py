@@ -163,9 +163,10 @@ def from_spandrel(sp: Any, source: str = "") -> ModelDescriptor:
     req = sp.size_requirements
     align = _lcm(req.multiple_of, _window(model))
     bound = conv_bound(model)
-    if fx.scope == "local":
-        context = bound if fx.context is None else min(fx.context, bound)
-        exact = fx.exact or context == bound
+    if fx.scope == "local":  # the convolution bound says nothing of attention windows: it caps only conv nets
+        windowed = _window(model) > 1
+        context = bound if fx.context is None else fx.context if windowed else min(fx.context, bound)
+        exact = fx.exact or (context == bound and not windowed)
     else:
         context, exact = GLOBAL_CONTEXT, False
     context = math.ceil(context / align) * align

@@ -46,7 +46,7 @@ def _params():
 def _convert(comfy, ui_file: pathlib.Path) -> tuple[dict, dict | None]:
     """A canvas workflow -> (API prompt, UI) by atelier.cli.workflow, with the real server's /object_info as the
     node interfaces (the widget order that matters is the one the real host has)."""
-    workflow = pytest.importorskip("atelier.cli.workflow")
+    from atelier.cli import workflow
     ifaces = workflow.Interfaces(comfy.object_info, source="the ComfyUI under test")
     return workflow.load_workflow(ui_file, ifaces)
 

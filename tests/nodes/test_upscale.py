@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-spandrel = pytest.importorskip("spandrel")
+import spandrel  # a runtime dependency of the pack: missing is a failure, not a skip
 
 from atelier.models import host  # noqa: E402
 from atelier.models.errors import AtelierError, InputError, UnknownModelError, WrongFamilyError  # noqa: E402

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -134,13 +134,31 @@ def empty_cache() -> None:
 # ---------------------------------------------------------------- ComfyUI's memory manager
 
 
-def make_patcher(module: torch.nn.Module, load_device: torch.device, offload: torch.device) -> Any:
-    """Wrap a module so ComfyUI's manager sees it, or None outside ComfyUI."""
+def make_patcher(
+    module: torch.nn.Module,
+    load_device: torch.device,
+    offload: torch.device,
+    on_detach: Callable[[], None] | None = None,
+) -> Any:
+    """Wrap a module so ComfyUI's manager sees it, or None outside ComfyUI.
+
+    `on_detach` is called whenever ComfyUI unloads the patcher (its memory manager making room, `unload_all_models`
+    from the "Unload models" button / `POST /free`): ComfyUI's own per-patcher ON_DETACH callback, so nothing of
+    ComfyUI is patched. The callback must not hold the module (it lives as long as the patcher).
+    """
     if not available():
         return None
     import comfy.model_patcher  # noqa: PLC0415 (inside ComfyUI only)
 
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload)
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload)
+    if on_detach is not None:
+        try:
+            from comfy.patcher_extension import CallbacksMP  # noqa: PLC0415
+
+            patcher.add_callback(CallbacksMP.ON_DETACH, lambda _patcher, _unpatch_all: on_detach())
+        except (ImportError, AttributeError):  # a ComfyUI older than the patcher callbacks: the cache keeps it
+            log.debug("this ComfyUI has no ModelPatcher ON_DETACH callback; unloads are not followed")
+    return patcher
 
 
 def load_patchers(patchers: list[Any], memory_required: int) -> None:

@@ -8,13 +8,15 @@ ComfyUI's own memory manager evicts ours when it needs room and "Unload models" 
 manager keeps models on the offload device and moves them to the compute device while used, within a budget,
 least recently used evicted first.
 
-The RAM cache follows ComfyUI's decisions. When ComfyUI unloads one of our patchers (it needs the room,
-`unload_all_models` from "Unload models" / `POST /free`), the patcher's ON_DETACH callback tells the manager, which
-then holds that model only weakly: it stays in RAM exactly as long as something else holds it (a node output kept by
-ComfyUI's execution cache, the same as core's own models) and a later `load` or run reuses it; once nothing does
-(`/free` with `free_memory`, a prompt that no longer uses it), it is garbage-collected and the next run reads the file
-again. (Chosen over checking `current_loaded_models` at our next call, which would free nothing until then, and over
-a ModelPatcher subclass: the callback is ComfyUI's own per-patcher hook and patches nothing.)
+The RAM cache follows ComfyUI's decisions. Inside ComfyUI the manager holds a model strongly only while it sits in
+ComfyUI's loaded list: a freshly read model is held weakly until a run hands it to `load_models_gpu`, and when
+ComfyUI unloads it (making room, or `unload_all_models` from "Unload models" / `POST /free`) the patcher's ON_DETACH
+callback tells the manager, which goes back to a weak reference. A weakly held model stays in RAM exactly as long as
+something else holds it (a node output kept by ComfyUI's execution cache, as core's own models are kept) and is
+reused, not read again, while it does; once nothing does (`/free` with `free_memory` clears that cache), it is
+garbage-collected and a later run reads the file again. Chosen over checking `current_loaded_models` at our next call
+(which frees nothing until then) and over a ModelPatcher subclass: the callback is ComfyUI's own per-patcher hook, so
+nothing of ComfyUI is patched.
 """
 from __future__ import annotations
 
@@ -191,17 +193,22 @@ class ModelManager:
         st = os.stat(path)
         key = (path, st.st_size, st.st_mtime_ns, str(dtype) if dtype else "auto")
         with self._lock:
-            entry = self._entries.get(key) or self._revive(key)
-            if entry is None:
+            entry = self._entries.get(key)
+            desc = entry.desc if entry is not None else self._released_desc(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            elif desc is None:
                 self._drop_stale(path, key)
-                entry = self._load_entry(key, path, dtype)
-                self._entries[key] = entry
-                self._trim_ram()
-            self._entries.move_to_end(key)
-        _check_family(entry.desc, family, name)
-        return entry.desc
+                desc, dtype_used = self._read(path, dtype)
+                if host.available():  # held strongly only once handed to ComfyUI's loaded list (_acquire)
+                    self._released[key] = (weakref.ref(desc), dtype_used)
+                else:
+                    self._entries[key] = _Entry(path, dtype_used, desc)
+                    self._trim_ram()
+        _check_family(desc, family, name)
+        return desc
 
-    def _load_entry(self, key: tuple, path: str, dtype: torch.dtype | None) -> _Entry:
+    def _read(self, path: str, dtype: torch.dtype | None) -> tuple[ModelDescriptor, torch.dtype]:
         t0 = time.perf_counter()
         sd, meta = read_state_dict(path)
         desc = registry.detect(sd, meta, source=path)
@@ -210,7 +217,7 @@ class ModelManager:
         desc.model.to(device=self.offload_device, dtype=dtype)
         log.info("loaded %s (%s %s, %s) in %.2fs", os.path.basename(path), desc.family, desc.architecture,
                  str(dtype).replace("torch.", ""), time.perf_counter() - t0)
-        return _Entry(path, dtype, desc, self._patcher(key, desc.model))
+        return desc, dtype
 
     def _patcher(self, key: tuple, model: torch.nn.Module) -> Any:
         """A ComfyUI patcher (None outside ComfyUI) that tells this manager when ComfyUI unloads it."""
@@ -234,10 +241,13 @@ class ModelManager:
             log.info("%s unloaded by ComfyUI: kept only while a node output holds it",
                      os.path.basename(entry.path) or entry.desc.architecture)
 
-    def _revive(self, key: tuple) -> _Entry | None:
-        """The released entry of `key` back in the cache when its model is still alive, else None."""
+    def _released_desc(self, key: tuple) -> ModelDescriptor | None:
         for k in [k for k, (r, _) in self._released.items() if r() is None]:
             del self._released[k]
+        return self._released[key][0]() if key in self._released else None
+
+    def _revive(self, key: tuple) -> _Entry | None:
+        """The released entry of `key` back in the cache when its model is still alive, else None."""
         ref, dtype = self._released.pop(key, (None, None))
         desc = ref() if ref is not None else None
         if desc is None:

@@ -186,6 +186,7 @@ class _FakeComfy:
     def __init__(self, monkeypatch):
         self.loaded: list = []
         self.made = 0
+        monkeypatch.setattr(mgr.host, "available", lambda: True)
         monkeypatch.setattr(mgr.host, "make_patcher", self.make_patcher)
         monkeypatch.setattr(mgr.host, "load_patchers", self.load_patchers)
         monkeypatch.setattr(mgr.host, "unload_patcher", self.unload_patcher)
@@ -234,8 +235,9 @@ def test_host_unload_keeps_a_model_a_node_output_still_holds(manager, models_roo
     comfy = _FakeComfy(monkeypatch)
     _toy(models_root / "upscale_models" / "t.safetensors")
     desc = manager.load("t.safetensors", "upscale_models")
+    manager.run(desc, lambda model: model(torch.zeros(1, 3)))
     manager.unload(desc)  # ours: stays cached
-    assert manager.cached() == [desc]
+    assert manager.cached() == [desc] and comfy.loaded == []
     manager.run(desc, lambda model: model(torch.zeros(1, 3)))
     comfy.unload_all()
     assert manager.cached() == [] and manager.released() == [desc]
@@ -243,3 +245,18 @@ def test_host_unload_keeps_a_model_a_node_output_still_holds(manager, models_roo
     assert out.shape == (1, 2) and manager.cached() == [desc] and len(comfy.loaded) == 1
     assert manager.load("t.safetensors", "upscale_models") is desc and fake_detector.calls == 1
     assert comfy.made == 2  # a new patcher for the revived entry
+
+
+def test_host_model_read_but_never_run_is_not_held(manager, models_root, fake_detector, monkeypatch):
+    """Inside ComfyUI a model a loader read but no node ran (a failed consumer) lives only as long as its output."""
+    import gc
+    import weakref
+
+    _FakeComfy(monkeypatch)
+    _toy(models_root / "upscale_models" / "t.safetensors")
+    desc = manager.load("t.safetensors", "upscale_models")
+    assert manager.load("t.safetensors", "upscale_models") is desc and fake_detector.calls == 1
+    alive = weakref.ref(desc.model)
+    del desc
+    gc.collect()
+    assert alive() is None and manager.cached() == []

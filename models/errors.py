@@ -32,3 +32,12 @@ class WrongFamilyError(AtelierError):
 
 class TilingError(AtelierError):
     """Tiled processing ran out of memory at every tile size it tried."""
+
+
+class MemoryBudgetError(InputError):
+    """A request needs more memory than the device has free; the message says how much it needs and how much there is."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The user asked to stop (outside ComfyUI: Ctrl-C, SIGTERM, `host.request_interrupt`). A KeyboardInterrupt, so
+    that no `except Exception` in a loop swallows it; ComfyUI raises its own InterruptProcessingException instead."""

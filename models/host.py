@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from types import ModuleType
 from typing import Any, Callable
 
@@ -196,7 +197,31 @@ def progress_bar(total: int) -> Any:
     return comfy.utils.ProgressBar(total)
 
 
+# Outside ComfyUI: the one interruption flag (ComfyUI keeps its own). The CLI sets it on SIGINT/SIGTERM; tests set it to
+# check that a loop stops at its next unit of work.
+_INTERRUPT = threading.Event()
+
+
+def request_interrupt() -> None:
+    """Ask every running loop to stop at its next check (what ComfyUI's Cancel does inside ComfyUI)."""
+    mm = _mm()
+    if mm is not None:
+        mm.interrupt_current_processing(True)
+    else:
+        _INTERRUPT.set()
+
+
+def clear_interrupt() -> None:
+    _INTERRUPT.clear()
+
+
 def throw_if_interrupted() -> None:
+    """Raise ComfyUI's InterruptProcessingException (inside ComfyUI) or `Interrupted` (outside) when asked to stop."""
     mm = _mm()
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
+    elif _INTERRUPT.is_set():
+        _INTERRUPT.clear()
+        from .errors import Interrupted  # noqa: PLC0415
+
+        raise Interrupted("interrupted")

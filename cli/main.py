@@ -413,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.debug:
                 traceback.print_exc()
             where = f"{e.filename}: " if e.filename else ""
-            _err(f"{where}{e.strerror or e}" + ("" if args.debug else " (--debug shows the traceback)"))
+            _err(f"{where}{e.strerror or e}")
             return 1
         except Exception as e:  # noqa: BLE001  a bug: one line, the traceback on demand
             if args.debug:

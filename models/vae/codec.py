@@ -29,10 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import host
+from .. import budget, host
 from ..descriptor import ModelDescriptor
 from ..errors import InputError, ModelPathError
 from ..manager import ModelManager, get_manager, placement
+from ..progress import interruptible
 from ..tiling import auto_tile, match_channels, split_alpha, tiled_apply
 from . import kl_bands, taesd
 
@@ -233,7 +234,7 @@ def encode(vae: VAE, image: torch.Tensor, *, sample: bool = False, seed: int = 0
 
     def work(model: nn.Module) -> torch.Tensor:
         device, dtype = placement(model)
-        with torch.no_grad(), _fast_convs(desc, model, device, dtype):
+        with torch.no_grad(), _fast_convs(desc, model, device, dtype), interruptible(model):  # Cancel between layers
             if desc.architecture == "TAESD":
                 return _taesd_encode(desc, model, x, tile, manager, device, dtype)
             if desc.architecture.startswith("KL"):
@@ -307,11 +308,12 @@ def decode(vae: VAE, latent: torch.Tensor, *, size: tuple[int, int] | None = Non
                          f"{'; put its *_decoder file beside it' if vae.architecture == 'TAESD' else ''})")
     z = check_latent(vae, latent, name)
     f = vae.downscale
+    _require_images(vae, z.shape[0], z.shape[-2] * f, z.shape[-1] * f, f"VAE Decode: {name}")
     tile_latent = max(1, tile // f) if tile and vae.fixed_size is None else None
 
     def work(model: nn.Module) -> torch.Tensor:
         device, dtype = placement(model)
-        with torch.no_grad(), _fast_convs(desc, model, device, dtype):
+        with torch.no_grad(), _fast_convs(desc, model, device, dtype), interruptible(model):  # Cancel between layers
             if desc.architecture == "TAESD":
                 return _taesd_decode(desc, model, z, tile_latent, manager, device, dtype)
             if desc.architecture.startswith("KL"):
@@ -398,7 +400,17 @@ def sample_prior(vae: VAE, batch: int, height: int, width: int, seed: int, tempe
         if min(height, width) < 1 or max(height, width) > MAX_SIDE:
             raise InputError(f"width/height: expected 1..{MAX_SIDE}, got {width}x{height}")
         h, w = math.ceil(height / vae.downscale), math.ceil(width / vae.downscale)
+    budget.require(budget.tensor_bytes(batch, vae.latent_channels, h, w) * 2,
+                   f"VAE Sample: {batch} latents for {width}x{height} images", hint="Use a smaller batch_size or size")
     return _normal((batch, vae.latent_channels, h, w), seed) * float(temperature)
+
+
+def _require_images(vae: VAE, batch: int, height: int, width: int, what: str) -> None:
+    """The decoded batch in RAM twice (the result, the IMAGE the node hands on), float32: refused when it cannot fit."""
+    side = vae.fixed_size
+    H, W = (side, side) if side else (height, width)
+    budget.require(budget.tensor_bytes(batch, max(3, vae.image_channels), H, W) * 2,
+                   f"{what}: {batch} image(s) of {W}x{H}", hint="Decode fewer latents at once or smaller ones")
 
 
 # ------------------------------------------------------------------------------------------------------ interpolation
@@ -421,6 +433,8 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int, mode: str = "slerp
     if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
         raise InputError(f"latent_b: batch {b.shape[0]} cannot pair with latent_a's batch {a.shape[0]} (equal, or 1)")
     n = max(a.shape[0], b.shape[0])
+    budget.require(budget.tensor_bytes(n, steps, *a.shape[1:], dtype=torch.float64) * 2,
+                   f"Latent Interpolate: {n} x {steps} latents of {list(a.shape[1:])}", hint="Use fewer steps")
     a, b = a.float().expand(n, *a.shape[1:]), b.float().expand(n, *b.shape[1:])
     t = torch.linspace(0, 1, steps, dtype=torch.float64)  # [S]
     fa, fb = _weights(a.flatten(1).double(), b.flatten(1).double(), t, mode)  # [N,S] each

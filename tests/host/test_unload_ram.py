@@ -83,6 +83,8 @@ def test_free_releases_the_ram_of_a_model_the_pack_loaded(comfy):
         f"after /free the server still holds {(freed - idle) / mb:.0f} MB over its idle {idle / mb:.0f} MB "
         f"(loaded: +{(loaded - idle) / mb:.0f} MB; the model is {size / mb:.0f} MB)")
 
+    print(f"RSS idle {idle / mb:.0f} MB, loaded +{(loaded - idle) / mb:.0f} MB, after /free +{(freed - idle) / mb:.0f} MB "
+          f"(model file {size / mb:.0f} MB)")
     off = comfy.log_size()
     out2 = comfy.image_arrays(comfy.run(prompt))
     assert f"loaded {FILE}" in comfy.log_since(off), "after /free the model was not read again from its file"

@@ -35,7 +35,7 @@ class TilingError(AtelierError):
 
 
 class MemoryBudgetError(InputError):
-    """A request needs more memory than the device has free; the message says how much it needs and how much there is."""
+    """A request would need more memory than the device has: refused before anything was allocated."""
 
 
 class Interrupted(KeyboardInterrupt):

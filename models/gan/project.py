@@ -26,8 +26,8 @@ from torch.overrides import TorchFunctionMode
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
 from ..manager import ModelManager, placement
+from ..image import match_channels, split_alpha
 from ..progress import Progress, interruptible
-from ..tiling import match_channels, split_alpha
 from .sampling import GANLatent, check_generator, class_labels, model_identity, model_name, resolve_space
 
 log = logging.getLogger(__name__)

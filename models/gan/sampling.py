@@ -23,11 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import budget, host
+from ..budget import SMALL_CALL_BYTES, fit_batch, scaled_bpp
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
+from ..image import match_channels, split_alpha
 from ..manager import ModelManager, placement
 from ..progress import Progress, interruptible
-from ..tiling import match_channels, split_alpha, tiled_apply
+from ..tiling import tiled_apply
 from .dcgan import LatentGenerator
 from .latent import style_mix, truncate
 
@@ -41,6 +43,7 @@ PSI_RANGE = (-2.0, 2.0)
 # scaled to a model's num_ws: boundaries at 4/18 and 8/18 of the rows.
 _GROUP_BOUNDS = (4 / 18, 8 / 18)
 MAX_CHUNK = 256
+RAM = torch.device("cpu")  # where results sized by the user are gathered (memory guards)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value; compare .tensor yourself
@@ -291,8 +294,7 @@ def walk(keys: GANLatent, steps: int, method: str = "auto", loop: bool = True) -
 def _require_latents(like: GANLatent, count: int, what: str) -> None:
     """`count` latents shaped like `like`'s, built three times over (blend, flatten, result): refused unless they fit."""
     per = like.tensor[0].numel() + (like.labels[0].numel() if like.labels is not None else 0)
-    budget.require(budget.tensor_bytes(count, per) * 3, f"{what} = {count} latents",
-                   hint="Use fewer steps or keyframes")
+    budget.require(budget.tensor_bytes(count, per) * 3, f"{what} = {count} latents", RAM)
 
 
 def layer_groups(num_ws: int) -> dict[str, list[int]]:
@@ -357,13 +359,13 @@ def to_unit(img: torch.Tensor, output_range: tuple[float, float], inplace: bool 
 
 def _sample_bytes(desc: ModelDescriptor) -> float:
     """Activation bytes of one sample (a rough upper bound: float32, plus half again)."""
-    return (desc.bytes_per_pixel or 1024.0) * desc.model.img_resolution**2 * 1.5
+    return scaled_bpp(desc.bytes_per_pixel) * desc.model.img_resolution**2 * 1.5
 
 
 def _chunk_size(manager: ModelManager, desc: ModelDescriptor, batch: int, per: float) -> int:
-    if batch * per <= 256 << 20:  # small: one call, without asking the device for its free memory
+    if batch * per <= SMALL_CALL_BYTES:  # one call, without asking the device for its free memory
         return min(batch, MAX_CHUNK)
-    return max(1, min(batch, MAX_CHUNK, int(manager.activation_budget(desc) // max(per, 1.0))))
+    return fit_batch(per, batch, manager.activation_budget(desc), MAX_CHUNK)
 
 
 def _sample_fn(latent: GANLatent, psi: float, cutoff: int | None, noise_mode: str, gen: torch.Generator | None,
@@ -414,7 +416,7 @@ def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, trun
     n = len(latent)
     res = int(g.img_resolution)
     budget.require(budget.tensor_bytes(n, max(3, int(getattr(g, "img_channels", 3))), res, res) * 2,
-                   f"GAN Sample: {n} images of {res}x{res}", hint="Sample fewer latents at once")
+                   f"GAN Sample: {n} images of {res}x{res}", RAM)
     per = _sample_bytes(desc)
     step = chunk or _chunk_size(manager, desc, n, per)
     if n <= step:  # one call, the usual case: no bar, no slices (this path is timed at batch 1 by bench/gan.py)
@@ -451,7 +453,7 @@ def translate(manager: ModelManager, desc: ModelDescriptor, image: torch.Tensor,
     ph, pw = req.padded_size(H, W)
     channels = max(3, desc.in_channels, desc.out_channels)  # input copies (scaled, padded), output, its [0,1] copy
     budget.require(budget.tensor_bytes(image.shape[0], channels, ph, pw) * 5,
-                   f"Image-to-Image GAN: {image.shape[0]} image(s) of {W}x{H}", hint="Translate fewer or smaller images")
+                   f"Image-to-Image GAN: {image.shape[0]} image(s) of {W}x{H}", RAM)
     rgb, alpha = split_alpha(image.float())
     x = match_channels(rgb, desc.in_channels)
     lo, hi = desc.config.get("input_range", (-1.0, 1.0))

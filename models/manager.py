@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field

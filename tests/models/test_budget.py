@@ -60,18 +60,18 @@ def _small_kl(models_root) -> codec.VAE:
 
 def test_vae_decode_and_sample_refuse_what_cannot_fit(manager, models_root, free):
     vae = _small_kl(models_root)
-    z = torch.randn(2, 4, 32, 32)  # -> 2 images of 64x64 (f=2): 2*3*64*64*4 = 96 KiB, twice
-    free(150 * 1024)
-    with pytest.raises(MemoryBudgetError, match=r"VAE Decode: samples: 2 image\(s\) of 64x64: needs about"):
+    z = torch.randn(1, 4, 128, 128)  # -> 1 image of 256x256 (f=2): 3*256*256*4 = 768 KiB, twice
+    free(1 * MB)
+    with pytest.raises(MemoryBudgetError, match=r"VAE Decode: samples: 1 image\(s\) of 256x256: needs about"):
         codec.decode(vae, z, name="samples")
-    need, _ = _numbers(str(pytest.raises(MemoryBudgetError, codec.decode, vae, z).value))
-    assert need * MB >= budget.tensor_bytes(2, 3, 64, 64)  # at least the result itself
+    need, have = _numbers(str(pytest.raises(MemoryBudgetError, codec.decode, vae, z).value))
+    assert need * MB >= budget.tensor_bytes(1, 3, 256, 256) and have == 1  # at least the result itself
     with pytest.raises(MemoryBudgetError, match=r"VAE Sample: 64 latents for 512x512 images"):
         codec.sample_prior(vae, 64, 512, 512, seed=0)  # 64*4*256*256*4 = 64 MiB
     with pytest.raises(MemoryBudgetError, match="Latent Interpolate"):
         codec.interpolate(torch.zeros(1, 4, 64, 64), torch.ones(1, 4, 64, 64), 1024)
     free(4 << 30)  # the same requests run when the memory is there
-    assert codec.decode(vae, z).shape == (2, 3, 64, 64)
+    assert codec.decode(vae, z).shape == (1, 3, 256, 256)
     assert codec.sample_prior(vae, 64, 512, 512, seed=0).shape == (64, 4, 256, 256)
 
 

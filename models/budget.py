@@ -137,3 +137,8 @@ def require(need_bytes: int, what: str, device: torch.device, available: int | N
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
+
+
+def tensor_bytes(*shape: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of a dense tensor of `shape` and `dtype` (for `require` estimates of results sized by the user)."""
+    return math.prod(int(s) for s in shape) * itemsize(dtype)

@@ -398,7 +398,9 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         out_channels=cfg.out_channels,
         supports_half=True,
         supports_bfloat16=True,
-        size_requirements=SizeRequirements(minimum=multiple, multiple_of=multiple),
+        # a ResNet generator's bottleneck must be 2 px at least (reflect padding, instance norm): 1-2 px images padded
+        size_requirements=SizeRequirements(minimum=multiple * (1 if arch == "UnetGenerator" else 2),
+                                           multiple_of=multiple),
         tiling="supported",
         receptive_field=model.receptive_field(),
         bytes_per_pixel=4.0 * sum(ch / 4**lvl for ch, lvl in levels),  # fp32 bytes per input pixel, batch 1

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import host
+from .. import budget, host
 from ..budget import SMALL_CALL_BYTES, fit_batch, scaled_bpp
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
 from ..image import match_channels, pad_to, split_alpha, to_range, to_unit
 from ..manager import ModelManager, placement
-from ..progress import Progress
+from ..progress import Progress, interruptible
 from ..tiling import tiled_apply
 from ..latents import generator as seed_generator
 from ..latents import lerp, seeded_normal, slerp
@@ -44,6 +44,7 @@ PSI_RANGE = (-2.0, 2.0)
 # scaled to a model's num_ws: boundaries at 4/18 and 8/18 of the rows.
 _GROUP_BOUNDS = (4 / 18, 8 / 18)
 MAX_CHUNK = 256
+RAM = torch.device("cpu")  # where results sized by the user are gathered (memory guards)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value; compare .tensor yourself
@@ -237,6 +238,7 @@ def interpolate(a: GANLatent, b: GANLatent, steps: int, method: str = "auto") ->
                   labels=None if a.labels is None else a.labels.expand(n, -1))
     bt = b.tensor.expand(n, *b.tensor.shape[1:])
     bl = None if b.labels is None else b.labels.expand(n, -1)
+    _require_latents(a, n * steps, f"GAN Interpolate: {n} x {steps} steps")
     x, labels = _blend(a, bt, bl, torch.linspace(0, 1, steps), method)
     return a.replace(tensor=x.flatten(0, 1).contiguous(),
                      labels=None if labels is None else labels.flatten(0, 1).contiguous())
@@ -251,6 +253,7 @@ def walk(keys: GANLatent, steps: int, method: str = "auto", loop: bool = True) -
     if steps < 1:
         raise InputError(f"steps: expected at least 1 frame per segment, got {steps}")
     order = list(range(len(keys))) + ([0] if loop else [])
+    _require_latents(keys, (len(order) - 1) * steps + 1, f"GAN latent walk: {len(order) - 1} segments x {steps} steps")
     a = keys.replace(tensor=keys.tensor[order[:-1]], labels=None if keys.labels is None else keys.labels[order[:-1]])
     b_idx = order[1:]
     t = torch.arange(steps, dtype=torch.float32) / steps  # end of each segment = start of the next
@@ -260,6 +263,12 @@ def walk(keys: GANLatent, steps: int, method: str = "auto", loop: bool = True) -
         x = torch.cat([x, keys.tensor[-1:]])
         labels = None if labels is None else torch.cat([labels, keys.labels[-1:]])
     return keys.replace(tensor=x.contiguous(), labels=None if labels is None else labels.contiguous())
+
+
+def _require_latents(like: GANLatent, count: int, what: str) -> None:
+    """`count` latents shaped like `like`'s, built three times over (blend, flatten, result): refused unless they fit."""
+    per = like.tensor[0].numel() + (like.labels[0].numel() if like.labels is not None else 0)
+    budget.require(budget.tensor_bytes(count, per) * 3, f"{what} = {count} latents", RAM)
 
 
 def layer_groups(num_ws: int) -> dict[str, list[int]]:
@@ -347,10 +356,14 @@ def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, trun
     gen = torch.Generator().manual_seed(int(noise_seed)) if noise_mode == "random" else None
 
     def fn(model: Generator, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:  # [b,C,H,W] in 0..1
-        return model.generate(x, labels, space=latent.space, psi=psi, cutoff=truncation_cutoff,
-                              noise_mode=noise_mode, generator=gen)
+        with interruptible(model):  # one chunk can take long on a CPU: Cancel stops between layers
+            return model.generate(x, labels, space=latent.space, psi=psi, cutoff=truncation_cutoff,
+                                  noise_mode=noise_mode, generator=gen)
 
     n = len(latent)
+    res = int(g.img_resolution)
+    budget.require(budget.tensor_bytes(n, max(3, int(getattr(g, "img_channels", 3))), res, res) * 2,
+                   f"GAN Sample: {n} images of {res}x{res}", RAM)
     per = _sample_bytes(desc)
     step = chunk or _chunk_size(manager, desc, n, per)
     if n <= step:  # one call, the usual case: no bar, no slices (this path is timed at batch 1 by bench/gan.py)
@@ -379,22 +392,28 @@ def translate(manager: ModelManager, desc: ModelDescriptor, image: torch.Tensor,
 
     Alpha is kept as it was; grey <-> RGB converted to the model's channels; sizes padded to the model's needs."""
     check_image_to_image(desc)
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or min(image.shape) == 0:
+        raise InputError(f"image: expected images [B,C,H,W] with at least 1 pixel, got "
+                         f"{tuple(getattr(image, 'shape', ())) or type(image).__name__}")
+    H, W = image.shape[-2:]
+    req = desc.size_requirements
+    ph, pw = req.padded_size(H, W)
+    channels = max(3, desc.in_channels, desc.out_channels)  # input copies (scaled, padded), output, its [0,1] copy
+    budget.require(budget.tensor_bytes(image.shape[0], channels, ph, pw) * 5,
+                   f"Image-to-Image GAN: {image.shape[0]} image(s) of {W}x{H}", RAM)
     rgb, alpha = split_alpha(image.float())
     x = match_channels(rgb, desc.in_channels)
     model = desc.model
-    x = to_range(x, model.input_range)
-    H, W = x.shape[-2:]
-    req = desc.size_requirements
-    x = pad_to(x, *req.padded_size(H, W))  # reflect like the generators' own padding; replicate where too small
+    x = pad_to(to_range(x, model.input_range), ph, pw)  # reflect like the generators' own padding; replicate if small
     context = int(desc.receptive_field or 32)
-    budget = manager.activation_budget(desc)
+    act_budget = manager.activation_budget(desc)
 
     def fn(model: torch.nn.Module) -> torch.Tensor:
         dev, dt = placement(model)
-        with torch.no_grad():
+        with torch.no_grad(), interruptible(model):  # a big tile is one long call on a CPU
             return tiled_apply(model, x, scale=1, out_channels=desc.out_channels, tile=tile or None, context=context,
                                blend=16, align=max(1, req.multiple_of), bytes_per_pixel=desc.bytes_per_pixel,
-                               budget_bytes=budget, device=dev, dtype=dt, progress="GAN tiles")
+                               budget_bytes=act_budget, device=dev, dtype=dt, progress="GAN tiles")
 
     y = manager.run(desc, fn)[..., :H, :W]  # [B,C',H,W] in output_range
     out = to_unit(y, model.output_range)

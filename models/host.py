@@ -9,16 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from .loading import MODEL_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 # The pack's own model folders (ComfyUI has the others already).
 PACK_FOLDERS = ("gans", "inpaint")
-MODEL_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin", ".pkl", ".tar"}
 
 
 def _mm() -> ModuleType | None:
@@ -126,13 +128,31 @@ def empty_cache() -> None:
 # ---------------------------------------------------------------- ComfyUI's memory manager
 
 
-def make_patcher(module: torch.nn.Module, load_device: torch.device, offload: torch.device) -> Any:
-    """Wrap a module so ComfyUI's manager sees it, or None outside ComfyUI."""
+def make_patcher(
+    module: torch.nn.Module,
+    load_device: torch.device,
+    offload: torch.device,
+    on_detach: Callable[[], None] | None = None,
+) -> Any:
+    """Wrap a module so ComfyUI's manager sees it, or None outside ComfyUI.
+
+    `on_detach` is called whenever ComfyUI unloads the patcher (its memory manager making room, `unload_all_models`
+    from the "Unload models" button / `POST /free`): ComfyUI's own per-patcher ON_DETACH callback, so nothing of
+    ComfyUI is patched. The callback must not hold the module (it lives as long as the patcher).
+    """
     if not available():
         return None
     import comfy.model_patcher  # noqa: PLC0415 (inside ComfyUI only)
 
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload)
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload)
+    if on_detach is not None:
+        try:
+            from comfy.patcher_extension import CallbacksMP  # noqa: PLC0415
+
+            patcher.add_callback(CallbacksMP.ON_DETACH, lambda _patcher, _unpatch_all: on_detach())
+        except (ImportError, AttributeError):  # a ComfyUI older than the patcher callbacks: the cache keeps it
+            log.debug("this ComfyUI has no ModelPatcher ON_DETACH callback; unloads are not followed")
+    return patcher
 
 
 def load_patchers(patchers: list[Any], memory_required: int) -> None:
@@ -165,7 +185,31 @@ def progress_bar(total: int) -> Any:
     return comfy.utils.ProgressBar(total)
 
 
+# Outside ComfyUI: the one interruption flag (ComfyUI keeps its own). The CLI sets it on SIGINT/SIGTERM; tests set it to
+# check that a loop stops at its next unit of work.
+_INTERRUPT = threading.Event()
+
+
+def request_interrupt() -> None:
+    """Ask every running loop to stop at its next check (what ComfyUI's Cancel does inside ComfyUI)."""
+    mm = _mm()
+    if mm is not None:
+        mm.interrupt_current_processing(True)
+    else:
+        _INTERRUPT.set()
+
+
+def clear_interrupt() -> None:
+    _INTERRUPT.clear()
+
+
 def throw_if_interrupted() -> None:
+    """Raise ComfyUI's InterruptProcessingException (inside ComfyUI) or `Interrupted` (outside) when asked to stop."""
     mm = _mm()
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
+    elif _INTERRUPT.is_set():
+        _INTERRUPT.clear()
+        from .errors import Interrupted  # noqa: PLC0415
+
+        raise Interrupted("interrupted")

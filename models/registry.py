@@ -29,7 +29,7 @@ DETECTORS: list[tuple[str, str]] = [
     ("TAESD", ".vae.taesd"),
     ("KL autoencoder", ".vae.kl"),
     ("MNIST FC VAE", ".vae.fc"),
-    ("spandrel", ".upscale.spandrel_arch"),
+    ("spandrel", ".spandrel_arch"),
 ]
 
 

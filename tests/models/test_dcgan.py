@@ -189,7 +189,7 @@ def test_truncation_scales_z_and_inputs_are_checked(tmp_path):
     cond = load_file(tmp_path, EmbeddingGenerator(8, 3, 4, 4, 3).state_dict(), name="cond").model
     with pytest.raises(InputError, match="class-conditional"):
         cond(torch.randn(2, 8))
-    with pytest.raises(InputError, match=r"c: expected one-hot \[2,3\]"):
+    with pytest.raises(InputError, match=r"c: expected \[2,3\] \(one-hot\)"):
         cond(torch.randn(2, 8), torch.eye(4)[:2])
 
 

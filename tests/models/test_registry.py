@@ -43,7 +43,7 @@ def test_missing_third_party_package_skips_its_detector_with_a_log_line(monkeypa
     real = importlib.import_module
 
     def fake(name, package=None):
-        if name == ".upscale.spandrel_arch":
+        if name == ".spandrel_arch":
             raise ModuleNotFoundError("No module named 'spandrel'", name="spandrel")
         return real(name, package)
 

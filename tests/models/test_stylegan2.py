@@ -122,7 +122,7 @@ def test_bad_inputs_are_named(golden):
     g = desc.model
     with pytest.raises(InputError, match=r"z: expected \[B,64\]"):
         g.mapping(torch.zeros(2, 63), exp["c"][:2])
-    with pytest.raises(InputError, match="c: this generator is conditional"):
+    with pytest.raises(InputError, match="c: this generator is class-conditional"):
         g.mapping(exp["z"], None)
     with pytest.raises(InputError, match=r"ws: expected \[B,6,64\]"):
         g.synthesis(torch.zeros(1, 5, 64))

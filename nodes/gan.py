@@ -97,7 +97,8 @@ class AtelierGANSample:
             "noise_mode": (list(_sampling.NOISE_MODES), {"default": "const", "tooltip":
                            "StyleGAN2 per-pixel noise: const (the model's stored noise, reproducible), random "
                            "(from noise_seed), none. Other models have no noise inputs."}),
-            "noise_seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip": "Seed of the random noise."}),
+            "noise_seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
+                                   "tooltip": "Seed of the random noise (used when noise_mode is random)."}),
         }}
 
     def sample(self, gan, latent, truncation_psi: float, truncation_cutoff: int, noise_mode: str, noise_seed: int):
@@ -195,7 +196,7 @@ class AtelierGANProject:
                               "Adam's peak learning rate (ramped up, then down); 0: automatic (0.1 in w, 0.2 in z)."}),
             "class_label": ("INT", {"default": -1, "min": -1, "max": 100000, "tooltip":
                             "Conditional models: the target's class; -1: picked by the start search."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip":
+            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True, "tooltip":
                      "Seed of the random starting points tried before optimising."}),
         }}
 

@@ -213,14 +213,17 @@ def _fetch_image(url: str):
 
 def write_thumbnail(path: pathlib.Path, inputs: list[dict], outputs: list[dict], side: int = 320) -> None:
     """The template browser's card picture (<name>.jpg beside the workflow): what the run made. With an input
-    image: its left half beside the right half of the first output; else up to 4 outputs in a grid."""
+    image: the upper middle of the input (left) beside the same place in the first output (right), zoomed ×2; else
+    up to 4 outputs in a grid."""
     from PIL import Image
 
     thumb = Image.new("RGB", (side, side), (24, 24, 24))
     srcs = [u for o in outputs for u in o["srcs"]]
     if inputs and inputs[0]["srcs"]:
-        a = _fetch_image(inputs[0]["srcs"][0]).resize((side, side), Image.LANCZOS)
-        b = _fetch_image(srcs[0]).resize((side, side), Image.LANCZOS)
+        a, b = _fetch_image(inputs[0]["srcs"][0]), _fetch_image(srcs[0])
+        # the upper middle of the picture (where a subject's face usually is), twice as large
+        a, b = (im.crop((im.width // 5, im.height // 20, 7 * im.width // 10, 11 * im.height // 20))
+                .resize((side, side), Image.LANCZOS) for im in (a, b))
         thumb.paste(a.crop((0, 0, side // 2, side)), (0, 0))
         thumb.paste(b.crop((side // 2, 0, side, side)), (side // 2, 0))
         for y in range(side):
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         cdp.wait_for(JS_READY, timeout=120)
         time.sleep(3)
         cdp.js("(async () => { const s = window.app.extensionManager.setting; "
-               "for (const [k, v] of [['Comfy.TutorialCompleted', true], ['Comfy.Validation.Workflows', true], ['Comfy.Minimap.Visible', false]]) "
+               "for (const [k, v] of [['Comfy.TutorialCompleted', true], ['Comfy.Validation.Workflows', true], ['Comfy.Minimap.Visible', false], ['Comfy.NodeBadge.NodeSourceBadgeMode', 'None']]) "
                "{ try { await s.set(k, v) } catch (e) {} } return true })()")
         cdp.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()), true")
         if module:

@@ -2,7 +2,8 @@
 
 They behave as ComfyUI's do (same inputs, outputs, file names and PNG metadata) with one difference: images are
 paths. LoadImage's ``image`` is a file path, absolute or relative to the input folder (default: the workflow's
-folder), a plain name not found there being looked up among the pack's example inputs (workflows/input/); SaveImage writes into the run's staging folder, moved into ``--output`` when the whole run succeeded.
+folder), a plain name not found there being looked up among the pack's example inputs (workflows/input/);
+SaveImage writes into the run's staging folder, moved into ``--output`` when the whole run succeeded.
 The runner gives each instance its folders through the ``io`` attribute before calling it.
 """
 from __future__ import annotations

@@ -247,7 +247,8 @@ def _box(n: dict) -> tuple[float, float, float, float]:
 
 
 def _min_size(n: dict, iface: dict | None) -> tuple[float, float]:
-    """What LGraphNode.computeSize() asks for (frontend 1.27): slots 20 px, widgets 24 px, title text width."""
+    """What LGraphNode.computeSize() asks for (frontend 1.27: slots 20 px, widgets 24 px), and a width that does
+    not cut the title."""
     slots = max(len(n.get("inputs") or []), len(n.get("outputs") or []))
     widgets = len(frontend_widgets(iface)) if iface is not None else 0
     h = 20 * slots + (24 * widgets + 8 if widgets else 0) + 6
@@ -256,7 +257,8 @@ def _min_size(n: dict, iface: dict | None) -> tuple[float, float]:
     if n["type"] in IMAGE_NODES:
         h = max(h, 250)  # room for the results without the node jumping on the first Run
     title = n.get("title") or (iface or {}).get("display_name") or n["type"]
-    return max(210.0, 5.0 * len(title) + 87), h  # title width as measured in frontend 1.27.10 (26 chars: 217 px)
+    # the canvas cuts a title wider than the node less ~64 px (14px Arial: ~7 px a character, 7.2 to be safe)
+    return max(210.0, 7.2 * len(title) + 64), h
 
 
 @pytest.mark.parametrize("path", CANVAS, ids=_id)

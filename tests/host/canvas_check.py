@@ -11,7 +11,7 @@ It starts a ComfyUI with the pack and the test models exactly as tests/host/conf
      where the template browser fetches them;
   2. the file is dropped on the canvas (a real drop event carrying the file, what drag-and-drop does);
   3. checks: no missing node type, no node with errors, every node at least as large as its widgets need
-     (LGraphNode.computeSize), the view fitted to the graph (no saved view), widget values as in the file;
+     (LGraphNode.computeSize) and wide enough not to cut its title, the view fitted to the graph (no saved view), widget values as in the file;
   4. Run (the Queue command, what the Run button does), wait for success, check every SaveImage/PreviewImage shows
      its images on the canvas, and that "fixed" seeds did not move;
   5. screenshots before and after the run, and one of the template browser.
@@ -36,6 +36,9 @@ import urllib.request
 REPO = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+
+TITLE_MARGIN = 62  # the canvas cuts ("...") a title wider than the node less this (frontend 1.27.10)
 
 
 class CDP:
@@ -131,10 +134,13 @@ JS_DROP = """(async () => {
 JS_INSPECT = """(() => {
   const g = window.app.graph, lg = window.LiteGraph;
   const virtual = new Set(['Note', 'MarkdownNote', 'Reroute', 'PrimitiveNode']);
+  const ctx = window.app.canvas.ctx;
+  ctx.font = window.app.canvas.title_text_font;
   const nodes = g.nodes.map(n => {
     const min = n.computeSize();
+    const title_w = ctx.measureText(n.getTitle ? n.getTitle() : n.title).width;
     return {id: n.id, type: n.type, title: n.title, size: [n.size[0], n.size[1]], min: [min[0], min[1]],
-            pos: [n.pos[0], n.pos[1]], registered: !!lg.registered_node_types[n.type],
+            title_w, pos: [n.pos[0], n.pos[1]], registered: !!lg.registered_node_types[n.type],
             has_errors: !!n.has_errors, virtual: virtual.has(n.type),
             widgets: (n.widgets || []).map(w => [w.name, w.value]),
             saved: (n.serialize().widgets_values || null)};
@@ -260,6 +266,8 @@ def check_workflow(cdp: CDP, path: pathlib.Path, out: pathlib.Path, run_timeout:
             problems.append(f"node {n['id']} ({n['type']}): marked with errors (red)")
         if not n["virtual"] and (n["size"][0] + 0.5 < n["min"][0] or n["size"][1] + 0.5 < n["min"][1]):
             problems.append(f"node {n['id']} ({n['type']}): size {n['size']} smaller than its widgets need {n['min']}")
+        if n["title_w"] + TITLE_MARGIN > n["size"][0]:
+            problems.append(f"node {n['id']} ({n['type']}): its title ({n['title_w']:.0f} px) is cut at width {n['size'][0]}")
     saved = {n["id"]: n.get("widgets_values") for n in data["nodes"]}
     for n in info["nodes"]:  # what the canvas would save again == what the file holds
         vals, again = saved.get(n["id"]), n["saved"]

@@ -8,7 +8,8 @@ Not a test the suite runs (it needs Chromium and takes minutes); run it by hand 
 It starts a ComfyUI with the pack and the test models exactly as tests/host/conftest.py does (or uses --url), starts
 `chromium --headless` and drives it over the DevTools protocol (websocket-client). Per workflow in workflows/:
   1. the template listing (GET /workflow_templates) names it, its JSON and its thumbnail (<name>.jpg) are served
-     where the template browser fetches them;
+     where the template browser fetches them; it opens by clicking its card in the template browser (no missing
+     or red node; screenshot <name>_template.png);
   2. the file is dropped on the canvas (a real drop event carrying the file, what drag-and-drop does);
   3. checks: no missing node type, no node with errors, every node at least as large as its widgets need
      (LGraphNode.computeSize) and wide enough not to cut its title, the view fitted to the graph (no saved view), widget values as in the file;
@@ -246,11 +247,43 @@ def write_thumbnail(path: pathlib.Path, inputs: list[dict], outputs: list[dict],
     tmp.replace(path)
 
 
+JS_CLICK_TEXT = """(() => { const el = Array.from(document.querySelectorAll('.p-dialog *')).find(e =>
+    e.children.length === 0 && e.textContent.trim() === %s); if (el) el.click(); return !!el })()"""
+
+
+def open_from_template_browser(cdp: CDP, module: str, name: str, n_nodes: int, out: pathlib.Path) -> list[str]:
+    """Workflow -> Browse Templates -> the pack's category -> the card: what a user clicks. Problems found."""
+    cdp.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()), true")
+    cdp.js("window.app.extensionManager.command.execute('Comfy.BrowseTemplates'), true")
+    cdp.wait_for("!!document.querySelector('.p-dialog')", timeout=20)
+    card = f"document.querySelector('[data-testid=\"template-workflow-{name}\"]')"
+    try:
+        cdp.wait_for(JS_CLICK_TEXT % json.dumps(module), timeout=20)
+        cdp.wait_for(f"!!{card}", timeout=20)
+    except TimeoutError:
+        return [f"template browser: no card for {name} under {module!r}"]
+    cdp.js(f"{card}.click(), true")
+    try:
+        cdp.wait_for(f"!document.querySelector('.p-dialog') && window.app.graph.nodes.length === {n_nodes}",
+                     timeout=30)
+    except TimeoutError:
+        dialogs = cdp.js("Array.from(document.querySelectorAll('.p-dialog, .p-toast-message')).map(d => "
+                         "d.innerText.slice(0, 300))")
+        return [f"template browser: {name} did not open ({dialogs})"]
+    time.sleep(1.5)
+    cdp.screenshot(out / f"{name}_template.png")
+    info = cdp.js(JS_INSPECT)
+    return [f"opened from the template browser: node {n['id']} ({n['type']}) is missing or red"
+            for n in info["nodes"] if not n["registered"] or n["has_errors"]]
+
+
 def check_workflow(cdp: CDP, path: pathlib.Path, out: pathlib.Path, run_timeout: float,
-                   thumbnails: pathlib.Path | None = None) -> dict:
+                   thumbnails: pathlib.Path | None = None, module: str | None = None) -> dict:
     name = path.stem
     data = json.loads(path.read_text(encoding="utf-8"))
     problems: list[str] = []
+    if module:
+        problems += open_from_template_browser(cdp, module, name, len(data["nodes"]), out)
     cdp.js("window.app.graph.clear(), true")
     cdp.js(JS_DROP % (json.dumps(path.read_text(encoding="utf-8")), json.dumps(path.name)))
     cdp.wait_for(f"window.app.graph.nodes.length === {len(data['nodes'])}", timeout=30)
@@ -394,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"template browser screenshot failed: {e}", flush=True)
         for f in files:
             try:
-                res = check_workflow(cdp, f, out, args.timeout, WORKFLOWS if args.thumbnails else None)
+                res = check_workflow(cdp, f, out, args.timeout, WORKFLOWS if args.thumbnails else None, module)
             except Exception as e:  # noqa: BLE001 - report and go on with the next workflow
                 res = {"workflow": f.name, "ok": False, "problems": [f"{type(e).__name__}: {e}"]}
             report["workflows"].append(res)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import threading
 from types import ModuleType
@@ -54,6 +55,35 @@ def register_folders() -> None:
                 exts.update(MODEL_EXTENSIONS)
         else:
             fp.folder_names_and_paths[name] = ([default], set(MODEL_EXTENSIONS))
+
+
+def provide_example_inputs(src_dir: str) -> list[str]:
+    """Copy the pack's example input images (`src_dir`, e.g. workflows/input/) into ComfyUI's input folder so that the
+    example workflows' Load Image nodes find them, as every file a user uploads is found. Only names not there yet
+    are written (a user's file is never overwritten, nothing is deleted), each through a temporary name, and what
+    was copied is logged. Outside ComfyUI, or with ATELIER_NO_EXAMPLE_INPUTS=1, nothing. Returns the names copied."""
+    fp = _folder_paths()
+    if fp is None or os.environ.get("ATELIER_NO_EXAMPLE_INPUTS", "") not in ("", "0") or not os.path.isdir(src_dir):
+        return []
+    dst_dir = fp.get_input_directory()
+    copied = []
+    for name in sorted(os.listdir(src_dir)):
+        src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
+        if not os.path.isfile(src) or os.path.lexists(dst):
+            continue
+        try:
+            os.makedirs(dst_dir, exist_ok=True)
+            tmp = f"{dst}.{os.getpid()}.tmp"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+            copied.append(name)
+        except OSError as e:
+            log.warning("Atelier: could not copy the example input %s into %s (%s); the example workflows that "
+                        "load it will ask for an image", name, dst_dir, e)
+    if copied:
+        log.info("Atelier: added the example input image(s) %s to %s for the pack's example workflows "
+                 "(existing files are never replaced; set ATELIER_NO_EXAMPLE_INPUTS=1 to skip)", ", ".join(copied), dst_dir)
+    return copied
 
 
 def folder_files(folder: str) -> list[str] | None:

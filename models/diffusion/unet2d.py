@@ -163,13 +163,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,C,H,W]
         b, c, hh, ww = x.shape
         h = group_norm(x, self.group_norm) if self.group_norm is not None else x
-        h = h.flatten(2).transpose(1, 2)  # [B,HW,C]
+        h = h.permute(0, 2, 3, 1).reshape(b, hh * ww, c)  # [B,HW,C] (a free view in channels-last)
         w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # one matmul for q, k and v
         bias = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
         qkv = F.linear(h, w, bias).view(b, hh * ww, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         a = attention(qkv[0], qkv[1], qkv[2])  # [B,heads,HW,d]
         a = self.to_out[0](a.transpose(1, 2).reshape(b, hh * ww, c))  # [B,HW,C]
-        out = a.transpose(1, 2).reshape(b, c, hh, ww) + x
+        out = a.view(b, hh, ww, c).permute(0, 3, 1, 2) + x  # [B,C,H,W], channels-last strides
         return out if self.rescale == 1 else out / self.rescale
 
 
@@ -335,6 +335,12 @@ class UNet2DModel(nn.Module):
         self.num_classes = int(cfg["num_class_embeds"] or 0) if cfg["class_embed_type"] is None else 0
         self.in_channels, self.out_channels = cfg["in_channels"], cfg["out_channels"]
         self.size_multiple = 2 ** sum(1 for b in self.down_blocks if b.sampler is not None)
+        self.channels_last = False  # `use_channels_last()`: NHWC activations (faster convolutions on CPU and GPU)
+
+    def use_channels_last(self, on: bool = True) -> "UNet2DModel":
+        """Keep 4-D weights and activations channels-last (results equal to float rounding)."""
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     def reset_buffers(self) -> None:
         """Rebuild non-persistent buffers (after construction on the meta device and `load_state_dict(assign=True)`)."""
@@ -370,6 +376,8 @@ class UNet2DModel(nn.Module):
         if self.config["center_input_sample"]:
             x = 2 * x - 1.0
         temb_act = self.embed(t, class_labels, x.shape[0])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
@@ -382,7 +390,7 @@ class UNet2DModel(nn.Module):
         if self.config["time_embedding_type"] == "fourier":
             sig = t.to(h.dtype).reshape(-1, 1, 1, 1) if t.ndim else t.to(h.dtype).reshape(1, 1, 1, 1)
             h = h / sig
-        return h
+        return h.contiguous()
 
 
 def rename_legacy_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -407,7 +415,7 @@ def build(config: dict[str, Any], sd: dict[str, torch.Tensor]) -> UNet2DModel:
     check_weights(expected, sd, "UNet2DModel config")
     model.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, strict=True, assign=True)
     model.reset_buffers()
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False).use_channels_last()
 
 
 def check_weights(expected: dict[str, tuple], sd: dict[str, torch.Tensor], what: str) -> None:

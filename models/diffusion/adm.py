@@ -207,8 +207,9 @@ class ADMUNet(nn.Module):
         if not torch.is_tensor(t):
             t = torch.tensor([float(t)], device=x.device)
         t = t.reshape(-1).to(x.device)
-        if t.shape[0] == 1:
-            t = t.expand(x.shape[0])
+        if t.shape[0] not in (1, x.shape[0]):
+            raise InputError(f"t: expected one timestep or {x.shape[0]} (one per sample), got {t.shape[0]}")
+        t = t.expand(x.shape[0])
         dtype = self.out[2].weight.dtype
         emb = self.time_embed(self.time_proj(t).to(dtype))
         if self.num_classes:

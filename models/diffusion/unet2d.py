@@ -349,9 +349,10 @@ class UNet2DModel(nn.Module):
 
     def embed(self, t: torch.Tensor, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
         """silu(time embedding (+ class embedding)) [B,T]: what every resnet's time projection reads."""
-        if t.ndim == 0:
-            t = t[None]
-        t = t.to(self.conv_in.weight.device).expand(batch) if t.shape[0] == 1 else t
+        t = t.reshape(-1).to(self.conv_in.weight.device)
+        if t.shape[0] not in (1, batch):
+            raise InputError(f"t: expected one timestep or {batch} (one per sample), got {t.shape[0]}")
+        t = t.expand(batch)
         dtype = self.conv_in.weight.dtype
         emb = self.time_embedding(self.time_proj(t).to(dtype))
         if self.class_embedding is not None:
@@ -388,8 +389,7 @@ class UNet2DModel(nn.Module):
             h = block.up(h, temb_act, skips)
         h = self.conv_out(norm_silu(h, self.conv_norm_out))
         if self.config["time_embedding_type"] == "fourier":
-            sig = t.to(h.dtype).reshape(-1, 1, 1, 1) if t.ndim else t.to(h.dtype).reshape(1, 1, 1, 1)
-            h = h / sig
+            h = h / t.to(h.device, h.dtype).reshape(-1, 1, 1, 1)
         return h.contiguous()
 
 

@@ -3,7 +3,6 @@ format through the manager; bad files give errors naming what is wrong."""
 from __future__ import annotations
 
 import json
-import pathlib
 
 import pytest
 import torch
@@ -263,6 +262,8 @@ def test_class_labels_checked(tmp_path):
         desc.model(x, t)
     with pytest.raises(InputError, match=r"labels in \[0,5\)"):
         desc.model(x, t, torch.tensor([0, 5, 1]))
+    with pytest.raises(InputError, match="one timestep or 3"):
+        desc.model(x, t[:2], torch.tensor([0, 1, 1]))
     plain = reference("defaults_inferable")
     desc = unet2d_io.load(plain.state_dict(), {})
     with pytest.raises(InputError, match="unconditional"):

@@ -276,3 +276,20 @@ def test_detector_claims_only_unets():
     assert unet2d.detect(reference("mixed_blocks").state_dict(), {})
     vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2).state_dict()
     assert not unet2d.detect(vae, {})
+
+
+def test_gradients_equal_diffusers(one_thread):
+    """Trainable as well: the same weight gradients as diffusers' model (in-place ops only without autograd)."""
+    ref = reference("scale_shift_classes")
+    desc = unet2d_io.load(ref.state_dict(), {"config": dict(ref.config)})
+    ours = desc.model.train().requires_grad_(True)
+    ref.train()
+    x, t, y = inputs(ref)
+    (ours(x, t, y) ** 2).mean().backward()
+    (ref(x, t, y).sample ** 2).mean().backward()
+    theirs = dict(ref.named_parameters())
+    # the key bias's true gradient is 0 (softmax ignores a constant added to every key): both hold rounding noise
+    worst = max((p.grad - theirs[k].grad).abs().max().item() / (theirs[k].grad.abs().max().item() + 1e-12)
+                for k, p in ours.named_parameters()
+                if p.requires_grad and theirs[k].requires_grad and not k.endswith("to_k.bias"))
+    assert worst < 1e-4

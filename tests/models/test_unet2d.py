@@ -10,6 +10,7 @@ import torch
 from atelier.models.diffusion import unet2d_io
 from atelier.models.diffusion.facts import TrainingSchedule
 from atelier.models.errors import InputError, ModelLoadError
+from harness import check_roundtrip  # tests/ is on pytest's pythonpath
 
 diffusers = pytest.importorskip("diffusers")
 TOL = 1e-5
@@ -150,14 +151,18 @@ def test_single_safetensors_with_metadata_roundtrip(manager, models_root, one_th
     assert set(again.state_dict()) == set(ref.state_dict())
 
 
-def test_bare_state_dict_infers_config(manager, models_root, one_thread):
+def test_bare_state_dict_infers_config(tmp_path, one_thread):
+    """The shared round trip (safetensors and .pth through a fresh manager): the layout from shapes alone."""
     ref = reference("defaults_inferable")
-    torch.save(ref.state_dict(), models_root / "diffusion_models" / "bare.pth")
-    desc = load(manager, "bare.pth")
-    assert desc.config["config_source"] == "config (inferred from shapes)"
+    x, t, _ = inputs(ref)
+    with torch.no_grad():
+        want = ref(x, t).sample
+    desc = check_roundtrip(tmp_path, ref.state_dict(), run=lambda m: m(x, t), expected=want,
+                           folder="diffusion_models", family="diffusion", tol=TOL,
+                           facts={"architecture": "UNet2DModel", "config.config_source": "config (inferred from shapes)",
+                                  "config.down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+                                  "extra.size_multiple": 2, "extra.learned_variance": False})
     assert "flip_sin_to_cos" in desc.config["guessed"]
-    assert desc.config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D"]
-    assert_same(desc, ref)
 
 
 @pytest.mark.parametrize("name", ["mixed_blocks", "scale_shift_classes", "fourier_no_mid_attention",

@@ -195,7 +195,9 @@ def _run_local(args: argparse.Namespace, ifaces: Any, jobs: list[tuple[str, dict
     from .runner import NodeError, Runner
 
     if args.progress:
-        os.environ["ATELIER_PROGRESS"] = "1"  # inner bars (tiles, steps) too
+        from ..models.progress import show_bars
+
+        show_bars(True)  # inner bars (tiles, steps) too, even without a terminal
     bar: list[Any] = [None]
 
     def on_event(kind: str, **info: Any) -> None:

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 FALLBACK_BYTES_PER_PIXEL = 64 * 4 * 4.0
 CPU_CALL_BYTES = 512 << 20  # activation bytes one call plans for on the CPU
 SMALL_CALL_BYTES = 256 << 20  # below this a call runs without asking the device for its free memory
+# A working set that stays near the CPU's last-level cache: large CPU intermediates cost more than their arithmetic
+# (fresh pages for every big temporary, caches missed). Measured on a 64px StyleGAN3-T at batch 32: one chunk of
+# 32 took 2.4x as long as chunks whose largest activation is about this size.
+CPU_CACHE_BYTES = 16 << 20
 SHARE = {"cpu": 0.5}  # share of the free memory activations may take, per device type (others: GPU_SHARE)
 GPU_SHARE = 0.8
 MIN_BUDGET = 64 << 20

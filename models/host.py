@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import threading
 from types import ModuleType
@@ -15,11 +16,12 @@ from typing import Any, Callable
 
 import torch
 
+from .loading import MODEL_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
 # The pack's own model folders (ComfyUI has the others already).
 PACK_FOLDERS = ("gans", "inpaint")
-MODEL_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin", ".pkl", ".tar"}
 
 
 def _mm() -> ModuleType | None:
@@ -55,6 +57,35 @@ def register_folders() -> None:
             fp.folder_names_and_paths[name] = ([default], set(MODEL_EXTENSIONS))
 
 
+def provide_example_inputs(src_dir: str) -> list[str]:
+    """Copy the pack's example input images (`src_dir`, e.g. workflows/input/) into ComfyUI's input folder so that the
+    example workflows' Load Image nodes find them, as every file a user uploads is found. Only names not there yet
+    are written (a user's file is never overwritten, nothing is deleted), each through a temporary name, and what
+    was copied is logged. Outside ComfyUI, or with ATELIER_NO_EXAMPLE_INPUTS=1, nothing. Returns the names copied."""
+    fp = _folder_paths()
+    if fp is None or os.environ.get("ATELIER_NO_EXAMPLE_INPUTS", "") not in ("", "0") or not os.path.isdir(src_dir):
+        return []
+    dst_dir = fp.get_input_directory()
+    copied = []
+    for name in sorted(os.listdir(src_dir)):
+        src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
+        if not os.path.isfile(src) or os.path.lexists(dst):
+            continue
+        try:
+            os.makedirs(dst_dir, exist_ok=True)
+            tmp = f"{dst}.{os.getpid()}.tmp"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+            copied.append(name)
+        except OSError as e:
+            log.warning("Atelier: could not copy the example input %s into %s (%s); the example workflows that "
+                        "load it will ask for an image", name, dst_dir, e)
+    if copied:
+        log.info("Atelier: added the example input image(s) %s to %s for the pack's example workflows "
+                 "(existing files are never replaced; set ATELIER_NO_EXAMPLE_INPUTS=1 to skip)", ", ".join(copied), dst_dir)
+    return copied
+
+
 def folder_files(folder: str) -> list[str] | None:
     """Names ComfyUI lists for a model folder, or None outside ComfyUI / for a folder it does not know."""
     fp = _folder_paths()
@@ -69,14 +100,6 @@ def folder_dirs(folder: str) -> list[str] | None:
     if fp is None or folder not in fp.folder_names_and_paths:
         return None
     return list(fp.get_folder_paths(folder))
-
-
-def io_directory(kind: str) -> str | None:
-    """ComfyUI's input/output/temp directory, or None outside ComfyUI."""
-    fp = _folder_paths()
-    if fp is None:
-        return None
-    return {"input": fp.get_input_directory, "output": fp.get_output_directory, "temp": fp.get_temp_directory}[kind]()
 
 
 # ---------------------------------------------------------------- devices and memory
@@ -178,11 +201,6 @@ def unload_patcher(patcher: Any) -> None:
             break
     else:
         patcher.detach()
-
-
-def is_loaded(patcher: Any) -> bool:
-    mm = _mm()
-    return any(loaded.model is patcher for loaded in mm.current_loaded_models)
 
 
 # ---------------------------------------------------------------- progress and interruption

@@ -2,7 +2,7 @@
 
 - `.safetensors`/`.sft`: safetensors (tensors and string metadata only).
 - `.pt/.pth/.ckpt/.bin/.tar`: `torch.load(weights_only=True)`, torch's own allow-listing unpickler.
-- `.pkl` (NVIDIA StyleGAN snapshots): our allow-listing unpickler (`models/gan/nvlabs_pkl.py`), which records the
+- `.pkl` (NVIDIA StyleGAN snapshots): our allow-listing unpickler (`models/nvlabs_pkl.py`), which records the
   constructor kwargs and tensors without importing or calling anything outside its list.
 
 `read_state_dict(path)` returns `(state_dict, meta)`: a flat `{name: tensor}` dict, canonicalised (`params_ema`
@@ -58,7 +58,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         elif ext in TORCH_EXT:
             obj, meta = _read_torch(path), {}
         else:
-            from .gan.nvlabs_pkl import read_nvlabs_pkl  # the only pickle format we read ourselves
+            from .nvlabs_pkl import read_nvlabs_pkl  # the only pickle format we read ourselves
 
             obj, meta = read_nvlabs_pkl(path)
     except UnsafeFileError:

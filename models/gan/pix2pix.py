@@ -28,7 +28,7 @@ from torch import nn
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError
-from .dcgan import config_from_meta
+from .contract import config_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ class ResnetBlock(nn.Module):
 
 class ResnetGenerator(nn.Module):
     """CycleGAN generator: [B,in,H,W] in [-1,1] -> [B,out,H,W] in [-1,1]; H, W multiples of 2**n_down."""
+
+    input_range = output_range = RANGE  # the image-to-image contract: what the images in and out span
 
     def __init__(self, cfg: ResnetConfig) -> None:
         super().__init__()
@@ -256,6 +258,8 @@ class UnetSkipConnectionBlock(nn.Module):
 
 class UnetGenerator(nn.Module):
     """pix2pix generator: [B,in,H,W] in [-1,1] -> [B,out,H,W] in [-1,1]; H, W multiples of 2**num_downs."""
+
+    input_range = output_range = RANGE
 
     def __init__(self, cfg: UnetConfig) -> None:
         super().__init__()

@@ -26,17 +26,18 @@ from .. import budget, host
 from ..budget import SMALL_CALL_BYTES, fit_batch, scaled_bpp
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
-from ..image import match_channels, split_alpha
+from ..image import match_channels, pad_to, split_alpha, to_range, to_unit
 from ..manager import ModelManager, placement
 from ..progress import Progress, interruptible
 from ..tiling import tiled_apply
-from .dcgan import LatentGenerator
-from .latent import style_mix, truncate
+from ..latents import generator as seed_generator
+from ..latents import lerp, seeded_normal, slerp
+from .contract import NOISE_MODES, Generator
+from .latent import style_mix
 
 log = logging.getLogger(__name__)
 
 SPACES = ("auto", "w", "z")
-NOISE_MODES = ("const", "random", "none")
 INTERPOLATIONS = ("auto", "lerp", "slerp")
 PSI_RANGE = (-2.0, 2.0)
 # NVIDIA's style-mixing split of the 18 ws of a 1024px StyleGAN (4-8px coarse, 16-32px middle, 64-1024px fine),
@@ -139,19 +140,11 @@ def _check_same(a: GANLatent, b: GANLatent, name: str = "latent_b") -> None:
 # latents from seeds
 
 
-def _generator(seed: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator for one item's seed (wrapped into 64 bits); stream 1 is an independent one for labels."""
-    s = int(seed) % 2**64
-    if stream:
-        s = (s * 6364136223846793005 + 1442695040888963407) % 2**64
-    return torch.Generator().manual_seed(s)
-
-
 def seeds_to_z(seed: int, batch_size: int, z_dim: int) -> torch.Tensor:  # [B,z_dim] float32 CPU
     """z for seeds seed, seed+1, ... (one CPU generator per item, so item i alone equals item i of a batch)."""
     if batch_size < 1:
         raise InputError(f"batch_size: expected at least 1, got {batch_size}")
-    return torch.stack([torch.randn(z_dim, generator=_generator(seed + i)) for i in range(batch_size)])
+    return seeded_normal((batch_size, z_dim), seed)
 
 
 def class_labels(c_dim: int, class_label: int, seed: int, batch_size: int, what: str = "this model"
@@ -168,7 +161,7 @@ def class_labels(c_dim: int, class_label: int, seed: int, batch_size: int, what:
     if label >= 0:
         idx = torch.full((batch_size,), label)
     else:
-        idx = torch.cat([torch.randint(c_dim, (1,), generator=_generator(seed + i, 1)) for i in range(batch_size)])
+        idx = torch.cat([torch.randint(c_dim, (1,), generator=seed_generator(seed + i, 1)) for i in range(batch_size)])
     return torch.nn.functional.one_hot(idx, c_dim).float()
 
 
@@ -214,25 +207,6 @@ def to_w(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, name: 
 
 # ----------------------------------------------------------------------------------------------------------------
 # interpolation and mixing
-
-
-def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """a + t (b - a); a, b [B,...], t [T] -> [B,T,...]."""
-    t = t.view(1, -1, *([1] * (a.dim() - 1))).to(a.dtype)
-    return a.unsqueeze(1) + t * (b - a).unsqueeze(1)
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Spherical interpolation of vectors a, b [B,D] (Shoemake 1985; White 2016, "Sampling Generative Networks"):
-    along the great circle for the direction, the norm blended by the same weights. -> [B,T,D]."""
-    an, bn = a / a.norm(dim=-1, keepdim=True).clamp_min(eps), b / b.norm(dim=-1, keepdim=True).clamp_min(eps)
-    omega = torch.arccos((an * bn).sum(-1).clamp(-1 + eps, 1 - eps)).unsqueeze(1)  # [B,1]
-    tt = t.view(1, -1).to(a.dtype)  # [1,T]
-    so = torch.sin(omega)
-    ca, cb = torch.sin((1 - tt) * omega) / so, torch.sin(tt * omega) / so  # [B,T]
-    out = ca.unsqueeze(-1) * a.unsqueeze(1) + cb.unsqueeze(-1) * b.unsqueeze(1)
-    near = (omega.squeeze(1) < 1e-4).view(-1, 1, 1)  # (anti)parallel: lerp is exact enough and stable
-    return torch.where(near, lerp(a, b, t), out)
 
 
 def _blend(a: GANLatent, b: torch.Tensor, b_labels: torch.Tensor | None, t: torch.Tensor, method: str
@@ -351,13 +325,6 @@ def mix_styles(manager: ModelManager, desc: ModelDescriptor, base: GANLatent, so
 # sampling
 
 
-def to_unit(img: torch.Tensor, output_range: tuple[float, float], inplace: bool = False) -> torch.Tensor:
-    """A generator's output in output_range -> [0,1], clamped (`inplace`: reuse img when it is float32 already)."""
-    lo, hi = float(output_range[0]), float(output_range[1])
-    x = img if inplace and img.dtype == torch.float32 else img.float().clone()
-    return x.sub_(lo).mul_(1.0 / (hi - lo)).clamp_(0, 1)
-
-
 def _sample_bytes(desc: ModelDescriptor) -> float:
     """Activation bytes of one sample (a rough upper bound: float32, plus half again)."""
     return scaled_bpp(desc.bytes_per_pixel) * desc.model.img_resolution**2 * 1.5
@@ -367,32 +334,6 @@ def _chunk_size(manager: ModelManager, desc: ModelDescriptor, batch: int, per: f
     if batch * per <= SMALL_CALL_BYTES:  # one call, without asking the device for its free memory
         return min(batch, MAX_CHUNK)
     return fit_batch(per, batch, manager.activation_budget(desc), MAX_CHUNK)
-
-
-def _sample_fn(latent: GANLatent, psi: float, cutoff: int | None, noise_mode: str, gen: torch.Generator | None,
-               output_range: tuple[float, float], per_sample: float = 0.0):
-    """model, latents [b,...], labels -> images [b,C,H,W] in 0..1 on the model's device."""
-    def run(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        # a chunk can take long on a CPU: Cancel stops between layers (not worth the hooks on a tiny call)
-        with interruptible(model, enabled=per_sample * x.shape[0] >= LONG_PASS_BYTES):
-            return _run(model, x, labels)
-
-    def _run(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(model, LatentGenerator):  # casts and moves its inputs; its head maps to 0..1 directly
-            return model(x, labels, truncation_psi=psi, noise_mode=noise_mode, unit=True)
-        dev = placement(model)[0]
-        if latent.space == "w":
-            ws = truncate(x.to(dev), model.w_avg.float(), psi, cutoff)  # [b,num_ws,w_dim]
-            img = model.synthesis(ws, noise_mode=noise_mode, generator=gen)
-        else:
-            c = labels.to(dev) if labels is not None else None
-            img = model(x.to(dev), c, truncation_psi=psi, truncation_cutoff=cutoff, noise_mode=noise_mode,
-                        generator=gen)
-        if img.dtype != torch.float32 and not torch.isfinite(img).all():
-            return img  # as it is, so that manager.run sees the overflow (clamping would hide an Inf) and redoes fp32
-        return to_unit(img, output_range, inplace=True)  # the generator's fresh output
-
-    return run
 
 
 def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, truncation_psi: float = 1.0,
@@ -415,7 +356,13 @@ def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, trun
         raise InputError(f"latent: {model_name(desc)} is class-conditional but this z latent carries no class labels")
     gen = torch.Generator().manual_seed(int(noise_seed)) if noise_mode == "random" else None
     per = _sample_bytes(desc)
-    fn = _sample_fn(latent, psi, truncation_cutoff, noise_mode, gen, g.output_range, per)
+
+    def fn(model: Generator, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:  # [b,C,H,W] in 0..1
+        # a chunk can take long on a CPU: Cancel stops between layers (not worth the hooks on a tiny call)
+        with interruptible(model, enabled=per * x.shape[0] >= LONG_PASS_BYTES):
+            return model.generate(x, labels, space=latent.space, psi=psi, cutoff=truncation_cutoff,
+                                  noise_mode=noise_mode, generator=gen)
+
     n = len(latent)
     res = int(g.img_resolution)
     budget.require(budget.tensor_bytes(n, max(3, int(getattr(g, "img_channels", 3))), res, res) * 2,
@@ -458,11 +405,8 @@ def translate(manager: ModelManager, desc: ModelDescriptor, image: torch.Tensor,
                    f"Image-to-Image GAN: {image.shape[0]} image(s) of {W}x{H}", RAM)
     rgb, alpha = split_alpha(image.float())
     x = match_channels(rgb, desc.in_channels)
-    lo, hi = desc.config.get("input_range", (-1.0, 1.0))
-    x = x * (hi - lo) + lo
-    if (ph, pw) != (H, W):  # reflect like the generators' own padding; replicate where the image is too small
-        mode = "reflect" if ph - H < H and pw - W < W else "replicate"
-        x = torch.nn.functional.pad(x, (0, pw - W, 0, ph - H), mode=mode)
+    model = desc.model
+    x = pad_to(to_range(x, model.input_range), ph, pw)  # reflect like the generators' own padding; replicate if small
     context = int(desc.receptive_field or 32)
     act_budget = manager.activation_budget(desc)
 
@@ -475,7 +419,7 @@ def translate(manager: ModelManager, desc: ModelDescriptor, image: torch.Tensor,
                                budget_bytes=act_budget, device=dev, dtype=dt, progress="GAN tiles")
 
     y = manager.run(desc, fn)[..., :H, :W]  # [B,C',H,W] in output_range
-    out = to_unit(y, desc.config.get("output_range", (-1.0, 1.0)))
+    out = to_unit(y, model.output_range)
     if alpha is not None:
         out = torch.cat([out, alpha.to(out)], dim=1)
     return out

@@ -31,7 +31,7 @@ from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
 from ..tiling import conv_receptive_radius, even_tile, tiled_apply
 from .facts import VAEFacts, Work
-from .kl import GroupNorm  # GroupNorm with collectable / fixable statistics (for tiled taef2)
+from .kl import GroupNorm  # nn.GroupNorm with the same keys (fixable statistics, unused here)
 
 log = logging.getLogger(__name__)
 
@@ -224,16 +224,6 @@ class TAESD(nn.Module):
         out = tiled_apply(rest, feats, scale=self.downscale, out_channels=3, tile=side, context=context, blend=0,
                           max_batch=1, device=work.device, dtype=work.dtype, progress="decode")
         return out.clamp_(0, 1)
-
-
-def set_variant(desc: ModelDescriptor, variant: str) -> None:
-    """Give a loaded TAESD the latent scale/shift of `variant` (when its file name did not say which it is)."""
-    if variant not in VARIANTS:
-        raise InputError(f"TAESD variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
-    model = desc.model
-    model.variant = variant
-    model.vae_scale, model.vae_shift = VARIANTS[variant]
-    desc.config.update(variant=variant, variant_guessed=False, vae_scale=model.vae_scale, vae_shift=model.vae_shift)
 
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:

@@ -211,7 +211,7 @@ class ModelManager:
                 return
             del self._entries[key]
             self._released[key] = (weakref.ref(entry.desc), entry.dtype)
-            weakref.finalize(entry.desc.model, _return_heap_later)
+            weakref.finalize(entry.desc.model, _return_heap_later).atexit = False  # nothing to hand back at exit
             log.info("%s unloaded by ComfyUI: kept only while a node output holds it",
                      os.path.basename(entry.path) or entry.desc.architecture)
 

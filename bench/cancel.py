@@ -29,8 +29,7 @@ import time
 
 from _bench_common import REPO, pkg_root
 
-# this checkout as `atelier` (pkg_root's link in the temp dir may point at another checkout on a shared machine)
-sys.path.insert(0, str(REPO.parent if REPO.name == "atelier" else pkg_root()))
+sys.path.insert(0, str(pkg_root()))  # this checkout as `atelier`
 
 import torch  # noqa: E402
 

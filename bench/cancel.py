@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 
-from _bench_common import REPO, pkg_root
+from _bench_common import pkg_root
 
 sys.path.insert(0, str(pkg_root()))  # this checkout as `atelier`
 

@@ -9,8 +9,9 @@ import os as _os
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from .models import host as _host
+from .models.loading import MODEL_EXTENSIONS
 
-_host.register_folders()
+_host.register_folders(MODEL_EXTENSIONS)
 _host.provide_example_inputs(_os.path.join(_os.path.dirname(__file__), "workflows", "input"))
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -16,8 +16,6 @@ from typing import Any, Callable
 
 import torch
 
-from .loading import MODEL_EXTENSIONS
-
 log = logging.getLogger(__name__)
 
 # The pack's own model folders (ComfyUI has the others already).
@@ -40,7 +38,7 @@ def _folder_paths() -> ModuleType | None:
 # ---------------------------------------------------------------- folders
 
 
-def register_folders() -> None:
+def register_folders(extensions: tuple[str, ...]) -> None:
     """Register the pack's model folders with folder_paths (merging into any that extra_model_paths.yaml made)."""
     fp = _folder_paths()
     if fp is None:
@@ -52,9 +50,9 @@ def register_folders() -> None:
             if default not in paths:
                 paths.append(default)
             if isinstance(exts, set) and exts:
-                exts.update(MODEL_EXTENSIONS)
+                exts.update(extensions)
         else:
-            fp.folder_names_and_paths[name] = ([default], set(MODEL_EXTENSIONS))
+            fp.folder_names_and_paths[name] = ([default], set(extensions))
 
 
 def provide_example_inputs(src_dir: str) -> list[str]:

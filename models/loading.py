@@ -73,8 +73,35 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise ModelLoadError(f"model file {name!r}: corrupted or not a model file ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
     sd, extra = canonicalise(obj, name)
-    meta = {**extra, **meta}
+    meta = {**extra, **diffusers_folder_meta(path), **meta}
     return sd, meta
+
+
+def diffusers_folder_meta(path: str) -> dict[str, Any]:
+    """For a diffusers weights file (`diffusion_pytorch_model.safetensors`/`.bin`): `config.json` beside it as
+    meta["config"], and `../scheduler/scheduler_config.json` (or `scheduler_config.json` beside it) as
+    meta["scheduler_config"]. Other files: nothing. JSON only; a file that is not a JSON object is an error."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if not name.startswith("diffusion_pytorch_model"):
+        return {}
+    out: dict[str, Any] = {}
+    cands = {"config": [os.path.join(folder, "config.json")],
+             "scheduler_config": [os.path.join(os.path.dirname(folder), "scheduler", "scheduler_config.json"),
+                                  os.path.join(folder, "scheduler_config.json")]}
+    for key, paths in cands.items():
+        found = next((p for p in paths if os.path.isfile(p)), None)
+        if found is None:
+            continue
+        try:
+            with open(found, encoding="utf-8") as f:
+                value = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"model file {name!r}: {os.path.basename(found)} beside it is not readable JSON ({e})") from e
+        if not isinstance(value, dict):
+            raise ModelLoadError(f"model file {name!r}: {os.path.basename(found)} is not a JSON object")
+        out[key] = value
+        out[f"{key}_source"] = found
+    return out
 
 
 def _text_head(path: str, n: int = 512) -> str | None:
@@ -101,7 +128,7 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
         sd = load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"model file {name!r}: not a readable safetensors file ({e})") from e
-    for key in ("config", "init_kwargs"):  # configs we write into metadata are JSON
+    for key in ("config", "init_kwargs", "scheduler_config"):  # configs we write into metadata are JSON
         if key in meta:
             try:
                 meta[key] = json.loads(meta[key])

@@ -34,7 +34,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .budget import itemsize
 from .errors import InputError, ModelLoadError, UnsafeFileError
 
 log = logging.getLogger(__name__)
@@ -266,7 +265,7 @@ def _load_from_bytes(blob: Any) -> torch.Tensor:
     (count,) = struct.unpack("<q", f.read(8))
     if count < 0:
         raise ModelLoadError("pickle: tensor blob has a negative element count")
-    nbytes = count * itemsize(dtype)
+    nbytes = count * dtype.itemsize
     data = f.read(nbytes)
     if count != numel or len(data) != nbytes:
         raise ModelLoadError("pickle: tensor blob is truncated")

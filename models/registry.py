@@ -29,6 +29,8 @@ DETECTORS: list[tuple[str, str]] = [
     ("TAESD", ".vae.taesd"),
     ("KL autoencoder", ".vae.kl"),
     ("MNIST FC VAE", ".vae.fc"),
+    ("UNet2DModel (diffusers)", ".diffusion.unet2d"),
+    ("ADM (guided-diffusion)", ".diffusion.adm"),
     ("spandrel", ".spandrel_arch"),
 ]
 

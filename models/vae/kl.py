@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
+from . import kl_bands
 from .facts import VAEFacts, Work
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,10 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,C,H,W]
         b, c, h, w = x.shape
         hn = self.norm(x)
-        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q(hn), self.k(hn), self.v(hn)))  # [B,1,HW,C]
+        # contiguous q/k/v reach the memory-efficient kernel (strided ones fall back to one that materialises the
+        # (HW)^2 weights)
+        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for t in (self.q(hn), self.k(hn), self.v(hn)))
+        del hn
         a = F.scaled_dot_product_attention(q, k, v)  # [B,1,HW,C]
         a = a.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(a)
@@ -261,13 +265,9 @@ class AutoencoderKL(nn.Module):
     # GroupNorm statistics and whole-latent attention (within 1/255 of untiled).
 
     def encode_planned(self, x: torch.Tensor, work: Work) -> torch.Tensor:  # [B,C,H,W] -> [B,2c,h,w] CPU
-        from . import kl_bands  # it builds on this module
-
         return kl_bands.planned_moments(self, x, work)
 
     def decode_planned(self, z: torch.Tensor, work: Work) -> torch.Tensor:  # [B,c,h,w] -> [B,C,H,W] CPU
-        from . import kl_bands
-
         return kl_bands.planned_decode(self, z, work)
 
 

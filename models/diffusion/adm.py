@@ -94,15 +94,15 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,C,H,W]
         b, c, hh, ww = x.shape
-        x1 = x.reshape(b, c, hh * ww)
-        qkv = F.conv1d(group_norm(x1, self.norm, fp32=True), self.qkv.weight, self.qkv.bias)  # [B,3C,T]
+        h = group_norm(x, self.norm, fp32=True).permute(0, 2, 3, 1).reshape(b, hh * ww, c)  # [B,T,C]
+        qkv = F.linear(h, self.qkv.weight[:, :, 0], self.qkv.bias)  # [B,T,3C]
         ch = c // self.heads
         # legacy: per head [q k v] blocks of ch channels; new: all q, then all k, then all v
-        qkv = qkv.view(b, 3, self.heads, ch, -1) if self.new_order else qkv.view(b, self.heads, 3, ch, -1).transpose(1, 2)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # [B,heads,T,ch]
-        a = attention(q, k, v).transpose(-1, -2).reshape(b, c, -1)  # [B,C,T]
-        out = F.conv1d(a, self.proj_out.weight, self.proj_out.bias)
-        return (out.add_(x1) if not out.requires_grad else out + x1).reshape(b, c, hh, ww)
+        qkv = qkv.view(b, -1, 3, self.heads, ch) if self.new_order else qkv.view(b, -1, self.heads, 3, ch).transpose(2, 3)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B,heads,T,ch]
+        a = attention(q, k, v).transpose(1, 2).reshape(b, hh * ww, c)  # [B,T,C]
+        out = F.linear(a, self.proj_out.weight[:, :, 0], self.proj_out.bias)
+        return out.view(b, hh, ww, c).permute(0, 3, 1, 2) + x
 
 
 class Downsample(nn.Module):
@@ -192,6 +192,12 @@ class ADMUNet(nn.Module):
                                  nn.Conv2d(int(mult[0] * mc), cfg["out_channels"], 3, padding=1))
         self.in_channels, self.out_channels = cfg["in_channels"], cfg["out_channels"]
         self.size_multiple = 2 ** (len(mult) - 1)
+        self.channels_last = False
+
+    def use_channels_last(self, on: bool = True) -> "ADMUNet":
+        """Keep 4-D weights and activations channels-last (results equal to float rounding)."""
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     def reset_buffers(self) -> None:
         self.time_proj.reset_buffers(self.out[2].weight.device)
@@ -201,8 +207,9 @@ class ADMUNet(nn.Module):
         if not torch.is_tensor(t):
             t = torch.tensor([float(t)], device=x.device)
         t = t.reshape(-1).to(x.device)
-        if t.shape[0] == 1:
-            t = t.expand(x.shape[0])
+        if t.shape[0] not in (1, x.shape[0]):
+            raise InputError(f"t: expected one timestep or {x.shape[0]} (one per sample), got {t.shape[0]}")
+        t = t.expand(x.shape[0])
         dtype = self.out[2].weight.dtype
         emb = self.time_embed(self.time_proj(t).to(dtype))
         if self.num_classes:
@@ -215,6 +222,8 @@ class ADMUNet(nn.Module):
             raise InputError("class_labels: this ADM model is unconditional; give None")
         emb_act = silu(emb)
         h = x.to(dtype)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         hs = []
         for block in self.input_blocks:
             h = block(h, emb_act)
@@ -222,7 +231,7 @@ class ADMUNet(nn.Module):
         h = self.middle_block(h, emb_act)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb_act)
-        return self.out[2](norm_silu(h, self.out[0], fp32=True))
+        return self.out[2](norm_silu(h, self.out[0], fp32=True)).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,7 +328,7 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
     check_weights({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict, "ADM config (inferred)")
     model.load_state_dict({k: v.float().contiguous() for k, v in state_dict.items()}, strict=True, assign=True)
     model.reset_buffers()
-    model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False).use_channels_last()
     schedule = TrainingSchedule(beta_schedule=KNOWN.get((cfg["model_channels"], tuple(cfg["channel_mult"]),
                                                          cfg["num_res_blocks"], cfg["in_channels"]), {})
                                 .get("schedule", "linear"))

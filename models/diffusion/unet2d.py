@@ -163,13 +163,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,C,H,W]
         b, c, hh, ww = x.shape
         h = group_norm(x, self.group_norm) if self.group_norm is not None else x
-        h = h.flatten(2).transpose(1, 2)  # [B,HW,C]
+        h = h.permute(0, 2, 3, 1).reshape(b, hh * ww, c)  # [B,HW,C] (a free view in channels-last)
         w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # one matmul for q, k and v
         bias = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
         qkv = F.linear(h, w, bias).view(b, hh * ww, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         a = attention(qkv[0], qkv[1], qkv[2])  # [B,heads,HW,d]
         a = self.to_out[0](a.transpose(1, 2).reshape(b, hh * ww, c))  # [B,HW,C]
-        out = a.transpose(1, 2).reshape(b, c, hh, ww) + x
+        out = a.view(b, hh, ww, c).permute(0, 3, 1, 2) + x  # [B,C,H,W], channels-last strides
         return out if self.rescale == 1 else out / self.rescale
 
 
@@ -266,6 +266,53 @@ class Block(nn.Module):
         return h
 
 
+class _Factory:
+    """Builds UNet2DModel's blocks as diffusers' get_down_block / UNetMidBlock2D / get_up_block do."""
+
+    def __init__(self, cfg: dict[str, Any], temb: int) -> None:
+        self.cfg, self.temb = cfg, temb
+        self.ch, self.lpb = cfg["block_out_channels"], cfg["layers_per_block"]
+        self.ss = cfg["resnet_time_scale_shift"] == "scale_shift"
+
+    def res(self, cin: int, cout: int, **kw: Any) -> ResnetBlock2D:
+        return ResnetBlock2D(cin, cout, self.temb, self.cfg["norm_num_groups"], self.cfg["norm_eps"], self.ss, **kw)
+
+    def attn(self, c: int, groups: int | None | str = "default", rescale: float = 1.0) -> Attention:
+        groups = self.cfg["norm_num_groups"] if groups == "default" else groups
+        return Attention(c, self.cfg["attention_head_dim"] or c, groups, self.cfg["norm_eps"], rescale)
+
+    def down_blocks(self) -> list[Block]:
+        out, cout, n = [], self.ch[0], len(self.ch)
+        for i, kind in enumerate(self.cfg["down_block_types"]):
+            cin, cout = cout, self.ch[i]
+            resnets = [self.res(cin if j == 0 else cout, cout) for j in range(self.lpb)]
+            attns = [self.attn(cout) for _ in range(self.lpb)] if kind == "AttnDownBlock2D" else None
+            resnet_sampler = kind == "ResnetDownsampleBlock2D" or (attns and self.cfg["downsample_type"] == "resnet")
+            sampler = None if i == n - 1 else (self.res(cout, cout, down=True) if resnet_sampler
+                                                else Downsample2D(cout, self.cfg["downsample_padding"]))
+            out.append(Block(resnets, attns, sampler, "down"))
+        return out
+
+    def mid_block(self) -> Block:
+        c, osf = self.ch[-1], self.cfg["mid_block_scale_factor"]
+        groups = self.cfg["attn_norm_num_groups"] or (None if self.ss else self.cfg["norm_num_groups"])
+        resnets = [self.res(c, c, output_scale_factor=osf) for _ in range(2)]
+        attns = [self.attn(c, groups, osf)] if self.cfg["add_attention"] else None
+        return Block(resnets, attns, None, "mid")
+
+    def up_blocks(self) -> list[Block]:
+        rev, n, lpb = list(reversed(self.ch)), len(self.ch), self.lpb
+        out, cout = [], rev[0]
+        for i, kind in enumerate(self.cfg["up_block_types"]):
+            prev, cout, cskip = cout, rev[i], rev[min(i + 1, n - 1)]
+            resnets = [self.res((prev if j == 0 else cout) + (cskip if j == lpb else cout), cout) for j in range(lpb + 1)]
+            attns = [self.attn(cout) for _ in range(lpb + 1)] if kind == "AttnUpBlock2D" else None
+            resnet_sampler = kind == "ResnetUpsampleBlock2D" or (attns and self.cfg["upsample_type"] == "resnet")
+            sampler = None if i == n - 1 else (self.res(cout, cout, up=True) if resnet_sampler else Upsample2D(cout))
+            out.append(Block(resnets, attns, sampler, "up"))
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,8 +324,6 @@ class UNet2DModel(nn.Module):
         cfg = self.config = full_config(config)
         ch = cfg["block_out_channels"]
         temb = cfg["time_embedding_dim"] or ch[0] * 4
-        groups, eps = cfg["norm_num_groups"], cfg["norm_eps"]
-        ss = cfg["resnet_time_scale_shift"] == "scale_shift"
         self.conv_in = nn.Conv2d(cfg["in_channels"], ch[0], 3, padding=1)
         if cfg["time_embedding_type"] == "fourier":
             self.time_proj: nn.Module = FourierProjection(ch[0])
@@ -293,48 +338,21 @@ class UNet2DModel(nn.Module):
         elif cfg["num_class_embeds"]:
             self.class_embedding = nn.Embedding(cfg["num_class_embeds"], temb)
 
-        def res(cin: int, cout: int, **kw: Any) -> ResnetBlock2D:
-            return ResnetBlock2D(cin, cout, temb, groups, eps, ss, **kw)
-
-        def attn(c: int, attn_groups: int | None = groups, rescale: float = 1.0) -> Attention:
-            return Attention(c, cfg["attention_head_dim"] or c, attn_groups, eps, rescale)
-
-        n, lpb = len(ch), cfg["layers_per_block"]
-        self.down_blocks = nn.ModuleList()
-        cout = ch[0]
-        for i, kind in enumerate(cfg["down_block_types"]):
-            cin, cout, last = cout, ch[i], i == n - 1
-            resnets = [res(cin if j == 0 else cout, cout) for j in range(lpb)]
-            attns = [attn(cout) for _ in range(lpb)] if kind == "AttnDownBlock2D" else None
-            resnet_sampler = kind == "ResnetDownsampleBlock2D" or (attns and cfg["downsample_type"] == "resnet")
-            sampler = None if last else (res(cout, cout, down=True) if resnet_sampler
-                                         else Downsample2D(cout, cfg["downsample_padding"]))
-            self.down_blocks.append(Block(resnets, attns, sampler, "down"))
-
-        self.mid_block: Block | None = None
-        if cfg["mid_block_type"] is not None:
-            c, osf = ch[-1], cfg["mid_block_scale_factor"]
-            attn_groups = cfg["attn_norm_num_groups"] or (groups if not ss else None)
-            resnets = [res(c, c, output_scale_factor=osf) for _ in range(2)]
-            attns = [attn(c, attn_groups, osf)] if cfg["add_attention"] else None
-            self.mid_block = Block(resnets, attns, None, "mid")
-
-        self.up_blocks = nn.ModuleList()
-        rev = list(reversed(ch))
-        cout = rev[0]
-        for i, kind in enumerate(cfg["up_block_types"]):
-            prev, cout, cskip, last = cout, rev[i], rev[min(i + 1, n - 1)], i == n - 1
-            resnets = [res((prev if j == 0 else cout) + (cskip if j == lpb else cout), cout) for j in range(lpb + 1)]
-            attns = [attn(cout) for _ in range(lpb + 1)] if kind == "AttnUpBlock2D" else None
-            resnet_sampler = kind == "ResnetUpsampleBlock2D" or (attns and cfg["upsample_type"] == "resnet")
-            sampler = None if last else (res(cout, cout, up=True) if resnet_sampler else Upsample2D(cout))
-            self.up_blocks.append(Block(resnets, attns, sampler, "up"))
-
-        self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=eps)
+        make = _Factory(cfg, temb)
+        self.down_blocks = nn.ModuleList(make.down_blocks())
+        self.mid_block: Block | None = make.mid_block() if cfg["mid_block_type"] is not None else None
+        self.up_blocks = nn.ModuleList(make.up_blocks())
+        self.conv_norm_out = nn.GroupNorm(cfg["norm_num_groups"], ch[0], eps=cfg["norm_eps"])
         self.conv_out = nn.Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
         self.num_classes = int(cfg["num_class_embeds"] or 0) if cfg["class_embed_type"] is None else 0
         self.in_channels, self.out_channels = cfg["in_channels"], cfg["out_channels"]
         self.size_multiple = 2 ** sum(1 for b in self.down_blocks if b.sampler is not None)
+        self.channels_last = False  # `use_channels_last()`: NHWC activations (faster convolutions on CPU and GPU)
+
+    def use_channels_last(self, on: bool = True) -> "UNet2DModel":
+        """Keep 4-D weights and activations channels-last (results equal to float rounding)."""
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     def reset_buffers(self) -> None:
         """Rebuild non-persistent buffers (after construction on the meta device and `load_state_dict(assign=True)`)."""
@@ -343,9 +361,10 @@ class UNet2DModel(nn.Module):
 
     def embed(self, t: torch.Tensor, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
         """silu(time embedding (+ class embedding)) [B,T]: what every resnet's time projection reads."""
-        if t.ndim == 0:
-            t = t[None]
-        t = t.to(self.conv_in.weight.device).expand(batch) if t.shape[0] == 1 else t
+        t = t.reshape(-1).to(self.conv_in.weight.device)
+        if t.shape[0] not in (1, batch):
+            raise InputError(f"t: expected one timestep or {batch} (one per sample), got {t.shape[0]}")
+        t = t.expand(batch)
         dtype = self.conv_in.weight.dtype
         emb = self.time_embedding(self.time_proj(t).to(dtype))
         if self.class_embedding is not None:
@@ -370,6 +389,8 @@ class UNet2DModel(nn.Module):
         if self.config["center_input_sample"]:
             x = 2 * x - 1.0
         temb_act = self.embed(t, class_labels, x.shape[0])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
@@ -380,9 +401,8 @@ class UNet2DModel(nn.Module):
             h = block.up(h, temb_act, skips)
         h = self.conv_out(norm_silu(h, self.conv_norm_out))
         if self.config["time_embedding_type"] == "fourier":
-            sig = t.to(h.dtype).reshape(-1, 1, 1, 1) if t.ndim else t.to(h.dtype).reshape(1, 1, 1, 1)
-            h = h / sig
-        return h
+            h = h / t.to(h.device, h.dtype).reshape(-1, 1, 1, 1)
+        return h.contiguous()
 
 
 def rename_legacy_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -407,7 +427,7 @@ def build(config: dict[str, Any], sd: dict[str, torch.Tensor]) -> UNet2DModel:
     check_weights(expected, sd, "UNet2DModel config")
     model.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, strict=True, assign=True)
     model.reset_buffers()
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False).use_channels_last()
 
 
 def check_weights(expected: dict[str, tuple], sd: dict[str, torch.Tensor], what: str) -> None:

@@ -20,7 +20,7 @@ from ..budget import call_budget, fit_batch, scaled_bpp
 from ..descriptor import ModelDescriptor
 from ..errors import InputError, WrongFamilyError
 from ..latents import generator, seeded_normal
-from ..progress import Progress
+from ..progress import Progress, interruptible
 from .denoiser import Denoiser, check_class_labels
 from .facts import DiffusionFacts
 from .samplers import SAMPLERS, seeded_noise_sampler
@@ -121,7 +121,8 @@ def denoise(manager, desc: ModelDescriptor, x: torch.Tensor, sigmas: torch.Tenso
         den = Denoiser(model, facts, clip=settings.clip, guidance=settings.guidance)
         device = manager.compute_device
         outs = []
-        with Progress(steps * math.ceil(B / chunk), what) as bar:
+        # Cancel is seen after every step and, inside a network call, between its blocks (depth 2)
+        with Progress(steps * math.ceil(B / chunk), what) as bar, interruptible(model, depth=2):
             for start in range(0, B, chunk):
                 xc = x[start:start + chunk].to(device, torch.float32)
                 extra = {} if labels is None else {"class_labels": labels[start:start + chunk].to(device)}
@@ -217,7 +218,7 @@ def inpaint(manager, desc: ModelDescriptor, image: torch.Tensor, keep: torch.Ten
         den = Denoiser(model, facts, clip=clip)
         device = manager.compute_device
         outs = []
-        with Progress(calls * math.ceil(B / chunk), "RePaint") as bar:
+        with Progress(calls * math.ceil(B / chunk), "RePaint") as bar, interruptible(model, depth=2):
             for start in range(0, B, chunk):
                 img = image[start:start + chunk].to(device, torch.float32)
                 draw = seeded_noise_sampler(img, seed + start)

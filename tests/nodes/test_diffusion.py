@@ -181,7 +181,19 @@ def test_repaint_mask_errors(models):
 
 def test_interrupt_stops_within_a_step(models, monkeypatch):
     desc = AtelierLoadDiffusionModel().load(UNCOND)[0]
-    calls = {"n": 0}
+    calls = {"n": 0, "net": 0}
+    net = desc.model
+    orig = net.forward
+
+    def counted(*a, **k):
+        calls["net"] += 1
+        return orig(*a, **k)
+
+    monkeypatch.setattr(net, "forward", counted)
+    monkeypatch.setattr(host, "throw_if_interrupted", lambda: calls.__setitem__("n", calls["n"] + 1))
+    AtelierDiffusionSample().sample(desc, **_sample_args(batch_size=1, steps=1))
+    per_step = calls["n"]
+    assert per_step > 3  # entry, the step, and checks between the network's blocks
 
     class Stop(Exception):
         pass
@@ -191,10 +203,11 @@ def test_interrupt_stops_within_a_step(models, monkeypatch):
         if calls["n"] > 3:
             raise Stop
 
+    calls.update(n=0, net=0)
     monkeypatch.setattr(host, "throw_if_interrupted", check)
     with pytest.raises(Stop):
         AtelierDiffusionSample().sample(desc, **_sample_args(steps=50))
-    assert calls["n"] == 4  # entry check + 3 steps: the run stopped at the first step after the interrupt
+    assert calls["n"] == 4 and calls["net"] == 1  # stopped inside the first network call, at the check asked
 
 
 def test_progress_per_step_and_previews_every_few_steps(models, monkeypatch):

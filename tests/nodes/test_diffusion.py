@@ -78,8 +78,9 @@ def test_batch_items_equal_their_seed_alone_at_any_chunk(models, manager, monkey
     assert run.chunk_size(manager, desc, 3, 16, 16, 1.0) == 1
     chunked = AtelierDiffusionSample().sample(desc, **args)[1]["samples"]
     one = AtelierDiffusionSample().sample(desc, **{**args, "seed": 6, "batch_size": 1})[1]["samples"]
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
-    torch.testing.assert_close(one[0], whole[1], atol=1e-5, rtol=0)
+    # the same numbers up to batch-size-dependent float32 rounding in the convolutions
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=0)
+    torch.testing.assert_close(one[0], whole[1], atol=1e-4, rtol=0)
 
 
 def test_class_labels_and_guidance_errors(models):

@@ -17,7 +17,7 @@ import torch
 log = logging.getLogger(__name__)
 
 # The pack's own model folders (ComfyUI has the others already).
-PACK_FOLDERS = ("gans", "inpaint")
+PACK_FOLDERS = ("gans", "inpaint", "style")
 MODEL_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin", ".pkl", ".tar"}
 
 

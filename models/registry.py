@@ -29,6 +29,9 @@ DETECTORS: list[tuple[str, str]] = [
     ("TAESD", ".vae.taesd"),
     ("KL autoencoder", ".vae.kl"),
     ("MNIST FC VAE", ".vae.fc"),
+    ("MicroAST", ".style.microast"),
+    ("AdaIN", ".style.adain"),
+    ("TransformerNet", ".style.fast_style"),
     ("spandrel", ".upscale.spandrel_arch"),
 ]
 

@@ -150,7 +150,8 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         is_vgg = _is_vgg(state_dict)
         other = _companion(source, want_vgg=not is_vgg)
         if other is None:
-            have, want = ("encoder", "decoder (e.g. decoder.pth)") if is_vgg else ("decoder", "encoder (vgg_normalised.pth)")
+            have, want = (("encoder", "decoder (e.g. decoder.pth)") if is_vgg
+                          else ("decoder", "encoder (vgg_normalised.pth)"))
             raise ModelLoadError(f"AdaIN {have} {os.path.basename(source)!r}: its {want} was not found beside it in "
                                  f"{os.path.dirname(source)!r}; keep both files in one folder")
         vgg_sd, dec_sd = (state_dict, other[1]) if is_vgg else (other[1], state_dict)

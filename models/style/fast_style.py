@@ -104,8 +104,7 @@ def stylise(model: TransformerNet, x: torch.Tensor, *, tile: int | None, budget:
     front = lambda v: model.conv3(F.relu(model.in2(model.conv2(stem1(v)), st2)))  # noqa: E731
     y = tiled_apply(front, x, scale=1 / ALIGN, out_channels=128, tile=t, context=12, blend=0, align=ALIGN,
                     max_batch=1, progress="encode", **kw)  # [1,128,H/4,W/4]
-    y = F.relu(instance_norm(y, mean_std(y, unbiased=False), model.in3.weight.float().cpu(),
-                             model.in3.bias.float().cpu()))
+    y = F.relu(_whole_norm(y, model.in3))
     h, w = y.shape[-2:]
     tl = max(16, (tile // ALIGN) if tile else auto_tile(h, w, LOW_BPP, budget))
     for block in model.res_blocks():
@@ -121,9 +120,14 @@ def stylise(model: TransformerNet, x: torch.Tensor, *, tile: int | None, budget:
 def _residual(block: Residual, y: torch.Tensor, tile: int, **kw) -> torch.Tensor:
     """One residual block on the whole 1/4 map, each conv in tiles, each norm with whole-map statistics."""
     h = tiled_apply(block.conv1, y, tile=tile, context=2, blend=0, max_batch=1, progress=None, **kw)
-    h = F.relu(instance_norm(h, mean_std(h, unbiased=False), block.in1.weight.float().cpu(), block.in1.bias.float().cpu()))
+    h = F.relu(_whole_norm(h, block.in1))
     h = tiled_apply(block.conv2, h, tile=tile, context=2, blend=0, max_batch=1, progress=None, **kw)
-    return y + instance_norm(h, mean_std(h, unbiased=False), block.in2.weight.float().cpu(), block.in2.bias.float().cpu())
+    return y + _whole_norm(h, block.in2)
+
+
+def _whole_norm(h: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Instance norm of a whole held map (on the CPU) with the layer's affine parameters."""
+    return instance_norm(h, mean_std(h, unbiased=False), norm.weight.float().cpu(), norm.bias.float().cpu())
 
 
 # ---------------------------------------------------------------- files

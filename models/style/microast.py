@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
 from ..loading import read_state_dict
-from ..tiling import tiled_apply
+from ..tiling import auto_tile, tiled_apply
 from .ops import ConvLayer, Stats, adain, mean_std
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.enc1 = nn.Sequential(
             ConvLayer(3, 16, 9), nn.ReLU(), ConvLayer(16, 32, 3, 2, groups=16), nn.ReLU(), ConvLayer(32, 32, 1),
-            nn.ReLU(), ConvLayer(32, 64, 3, 2, groups=32), nn.ReLU(), ConvLayer(64, 64, 1), nn.ReLU(), ResidualLayer(64),
+            nn.ReLU(), ConvLayer(32, 64, 3, 2, groups=32), nn.ReLU(), ConvLayer(64, 64, 1), nn.ReLU(),
+            ResidualLayer(64),
         )
         self.enc2 = nn.Sequential(ResidualLayer(64))
 
@@ -155,8 +156,6 @@ def stylise(
 ) -> torch.Tensor:  # [1,3,H,W] float32 on the CPU, raw (not clamped)
     """Encoder stem in tiles -> whole 1/4 map -> whole-map statistics -> dec1 in tiles -> statistics -> tail in tiles.
     Equals `model(content, style)` up to float rounding at any tile size."""
-    from ..tiling import auto_tile
-
     H, W = content.shape[-2:]
     enc = model.content_encoder
     t_enc = tile or auto_tile(H, W, ENCODER_BPP, budget, ALIGN)
@@ -240,7 +239,8 @@ def load_parts(state_dict: dict, meta: dict) -> dict[str, dict[str, torch.Tensor
     if "?" in files or missing:
         raise ModelLoadError(
             f"MicroAST part {os.path.basename(source)!r} ({kind}): its companion files "
-            f"{', '.join(p + '_*' for p in (missing or PARTS))} were not found beside it in {os.path.dirname(source)!r}. "
+            f"{', '.join(p + '_*' for p in (missing or PARTS))} were not found beside it in "
+            f"{os.path.dirname(source)!r}. "
             "Keep the four upstream files (content_encoder_, style_encoder_, modulator_, decoder_) in one folder, "
             "or load a packed .safetensors (models.style.microast.export_packed)"
         )
@@ -249,7 +249,8 @@ def load_parts(state_dict: dict, meta: dict) -> dict[str, dict[str, torch.Tensor
         sd = state_dict if path == source else read_state_dict(path)[0]
         want = "encoder" if part.endswith("encoder") else part
         if _which(sd) != want:
-            raise ModelLoadError(f"MicroAST: {os.path.basename(path)!r} should hold the {part} but its keys do not match")
+            raise ModelLoadError(f"MicroAST: {os.path.basename(path)!r} should hold the {part}, but its keys do "
+                                 "not match")
         parts[part] = sd
     return parts
 

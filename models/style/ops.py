@@ -11,7 +11,6 @@ held fixed while tiles run. Two ways, as the network allows:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..progress import Progress
-from ..tiling import auto_tile
 
 EPS = 1e-5  # AdaIN and instance norm, inside the square root
 
@@ -116,13 +114,3 @@ def tiled_mean_std(
     shape = (1, -1, 1, 1)
     return Stats(mean.view(shape).float().cpu(), (var + EPS).sqrt().view(shape).float().cpu())
 
-
-def tile_side(H: int, W: int, bytes_per_pixel: float, budget: int, align: int, context: int) -> int:
-    """A tile side for `tiled_apply` that fits `budget` (the whole image when it fits), balanced so tiles are even."""
-    side = auto_tile(H, W, bytes_per_pixel, budget, align)
-    if side >= max(H, W):
-        return side
-    side = max(side, 4 * context + align)
-    n = max(math.ceil((H - 2 * context) / max(1, side - 2 * context)), math.ceil((W - 2 * context) / max(1, side - 2 * context)))
-    even = math.ceil(max(H, W) / n) + 2 * context
-    return min(side, math.ceil(even / align) * align)

@@ -103,7 +103,7 @@ def _run_one(desc: ModelDescriptor, model: torch.nn.Module, x: torch.Tensor, cod
     if not torch.isfinite(out).all():
         raise InputError(f"{os.path.basename(desc.source)}: the output has NaN/Inf values (a degenerate style "
                          "image or an overflow in reduced precision)")
-    return out.clamp(0, 1)
+    return out.clamp_(0, 1)
 
 
 def _style_code(desc: ModelDescriptor, model: torch.nn.Module, s: torch.Tensor):
@@ -149,7 +149,7 @@ def stylise(
     alpha_feat = float(strength) if desc.architecture == "AdaIN" else 1.0
     B = rgb.shape[0]
     outs = []
-    codes: dict[tuple[int, int], object] = {}  # (model, style index) -> its code, computed once (one style for all: once in all)
+    codes: dict[tuple[int, int], object] = {}  # (model, style index) -> its code, computed once per style
     with Progress(B, "stylise", enabled=B > 1) as bar:
         for b in range(B):
             x = rgb[b : b + 1]
@@ -171,7 +171,7 @@ def stylise(
                 y = x + float(strength) * (y - x)  # pixel-space strength
             outs.append(y)
             bar.update()
-    out = torch.cat(outs)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
     if alpha is not None:
         out = torch.cat([out, alpha.to(out)], 1)
     return out, notes

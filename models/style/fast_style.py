@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..descriptor import ModelDescriptor, SizeRequirements
-from ..tiling import auto_tile, tiled_apply
-from .ops import ConvLayer, Stats, instance_norm, mean_std, tiled_mean_std
+from ..tiling import tiled_apply
+from .ops import ConvLayer, Stats, balanced_tile, instance_norm, mean_std, tiled_mean_std
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def stylise(model: TransformerNet, x: torch.Tensor, *, tile: int | None, budget:
             dtype: torch.dtype) -> torch.Tensor:  # [1,3,H,W] 0..255, sides multiples of 4 -> raw [1,3,H,W]
     """Whole-image statistics for every norm (see the module docstring), then the tiles."""
     H, W = x.shape[-2:]
-    t = tile or auto_tile(H, W, FULL_BPP * 4, budget, ALIGN)
+    t = tile or balanced_tile(H, W, FULL_BPP * 4, budget, 12, ALIGN)
     kw = dict(device=device, dtype=dtype)
     st1 = tiled_mean_std(model.conv1, x, scale=1, context=4, align=ALIGN, tile=t, unbiased=False, **kw)
     stem1 = lambda v: F.relu(model.in1(model.conv1(v), st1))  # noqa: E731
@@ -106,7 +106,7 @@ def stylise(model: TransformerNet, x: torch.Tensor, *, tile: int | None, budget:
                     max_batch=1, progress="encode", **kw)  # [1,128,H/4,W/4]
     y = F.relu(_whole_norm(y, model.in3))
     h, w = y.shape[-2:]
-    tl = max(16, (tile // ALIGN) if tile else auto_tile(h, w, LOW_BPP, budget))
+    tl = max(16, (tile // ALIGN) if tile else balanced_tile(h, w, LOW_BPP, budget, 6))
     for block in model.res_blocks():
         y = _residual(block, y, tl, **kw)
     st4 = tiled_mean_std(model.up1, y, scale=2, context=2, align=1, tile=tl, unbiased=False, **kw)

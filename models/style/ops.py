@@ -11,6 +11,7 @@ held fixed while tiles run. Two ways, as the network allows:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..progress import Progress
+from ..tiling import auto_tile
 
 EPS = 1e-5  # AdaIN and instance norm, inside the square root
 
@@ -114,3 +116,17 @@ def tiled_mean_std(
     shape = (1, -1, 1, 1)
     return Stats(mean.view(shape).float().cpu(), (var + EPS).sqrt().view(shape).float().cpu())
 
+
+
+def balanced_tile(H: int, W: int, bytes_per_pixel: float, budget: int, context: int, align: int = 1) -> int:
+    """The tile side for `tiled_apply`: the whole image when it fits `budget`, else the smallest side that needs no
+    more tiles than the largest fitting one (a tile just under the image size would otherwise double the work)."""
+    side = auto_tile(H, W, bytes_per_pixel, budget, align)
+    longest = max(H, W)
+    if side >= longest:
+        return longest
+    overlap = 2 * context
+    side = max(side, overlap + 4 * align)
+    n = math.ceil((longest - overlap) / (side - overlap))
+    even = math.ceil((longest - overlap) / n) + overlap
+    return min(side, math.ceil(even / align) * align)

@@ -21,7 +21,7 @@ from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import ModelLoadError
 from ..loading import read_state_dict
 from ..tiling import tiled_apply
-from .ops import Stats, adain, balanced_tile, mean_std
+from .ops import Stats, adain, balanced_tile, channels_last, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def make_vgg() -> nn.Sequential:
     """Modules 0-30 of the normalised VGG-19 (indices as upstream, so its keys load)."""
     layers: dict[int, nn.Module] = {0: nn.Conv2d(3, 3, 1)}
     for i, cin, cout in _VGG_CONVS:
-        layers[i - 1], layers[i], layers[i + 1] = nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3), nn.ReLU()
+        layers[i - 1], layers[i], layers[i + 1] = nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3), nn.ReLU(inplace=True)
     for i in _VGG_POOLS:
         layers[i] = nn.MaxPool2d(2, 2, 0, ceil_mode=True)
     return nn.Sequential(*(layers[i] for i in range(31)))
@@ -53,7 +53,7 @@ def make_decoder() -> nn.Sequential:
     for i, cin, cout in _DEC_CONVS:
         layers[i - 1], layers[i] = nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3)
         if i != 28:
-            layers[i + 1] = nn.ReLU()
+            layers[i + 1] = nn.ReLU(inplace=True)
     for i in _DEC_UPS:
         layers[i] = nn.Upsample(scale_factor=2, mode="nearest")
     return nn.Sequential(*(layers[i] for i in range(29)))
@@ -80,13 +80,14 @@ def stylise(model: AdaIN, content: torch.Tensor, code: Stats, *, alpha: float, t
     """Tiled encoder -> whole relu4_1 map -> AdaIN with its whole-image statistics -> tiled decoder."""
     H, W = content.shape[-2:]
     t_enc = tile or balanced_tile(H, W, ENCODER_BPP, budget, ENCODER_CONTEXT, ALIGN)
-    f = tiled_apply(model.vgg, content, scale=1 / ALIGN, out_channels=512, tile=t_enc, context=ENCODER_CONTEXT,
-                    blend=0, align=ALIGN, max_batch=1, device=device, dtype=dtype, progress="encode")  # [1,512,H/8,W/8]
+    f = tiled_apply(lambda t: model.vgg(channels_last(t)), content, scale=1 / ALIGN, out_channels=512, tile=t_enc,
+                    context=ENCODER_CONTEXT, blend=0, align=ALIGN, max_batch=1, device=device, dtype=dtype,
+                    progress="encode")  # [1,512,H/8,W/8]
     f = adain(f, mean_std(f), code, alpha)
     h, w = f.shape[-2:]
     t_dec = max(16, (tile // ALIGN) if tile else balanced_tile(h, w, DECODER_BPP, budget, DECODER_CONTEXT))
-    return tiled_apply(model.decoder, f, scale=ALIGN, out_channels=3, tile=t_dec, context=DECODER_CONTEXT, blend=0,
-                       max_batch=1, device=device, dtype=dtype, progress="decode")
+    return tiled_apply(lambda t: model.decoder(channels_last(t)), f, scale=ALIGN, out_channels=3, tile=t_dec,
+                       context=DECODER_CONTEXT, blend=0, max_batch=1, device=device, dtype=dtype, progress="decode")
 
 
 # ---------------------------------------------------------------- files
@@ -160,7 +161,7 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         model = AdaIN()
     model.vgg.load_state_dict({k: v.float().contiguous() for k, v in vgg_sd.items()}, strict=True, assign=True)
     model.decoder.load_state_dict({k: v.float().contiguous() for k, v in dec_sd.items()}, strict=True, assign=True)
-    model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     return ModelDescriptor(
         family="style", architecture="AdaIN", model=model, purpose="Arbitrary style transfer",
         supports_half=True, supports_bfloat16=False,  # bf16: 8-bit mantissa, visible steps

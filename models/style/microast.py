@@ -24,7 +24,7 @@ from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
 from ..loading import read_state_dict
 from ..tiling import tiled_apply
-from .ops import ConvLayer, Stats, adain, balanced_tile, mean_std
+from .ops import ConvLayer, Stats, adain, balanced_tile, channels_last, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ class ResidualLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
         if w is None:
-            return x + self.conv2(F.relu(self.conv1(x)))
-        h3 = F.relu(w * self.conv1(x) + b * x)
+            return x + self.conv2(F.relu(self.conv1(x), inplace=True))
+        h3 = F.relu(torch.addcmul(b * x, w, self.conv1(x)), inplace=True)
         return x + (w * self.conv2(h3) + b * h3)
 
 
@@ -61,10 +61,10 @@ class Encoder(nn.Module):
 
     def __init__(self):
         super().__init__()
+        relu = nn.ReLU(inplace=True)  # inference only: nothing reads a conv output after its ReLU
         self.enc1 = nn.Sequential(
-            ConvLayer(3, 16, 9), nn.ReLU(), ConvLayer(16, 32, 3, 2, groups=16), nn.ReLU(), ConvLayer(32, 32, 1),
-            nn.ReLU(), ConvLayer(32, 64, 3, 2, groups=32), nn.ReLU(), ConvLayer(64, 64, 1), nn.ReLU(),
-            ResidualLayer(64),
+            ConvLayer(3, 16, 9), relu, ConvLayer(16, 32, 3, 2, groups=16), relu, ConvLayer(32, 32, 1), relu,
+            ConvLayer(32, 64, 3, 2, groups=32), relu, ConvLayer(64, 64, 1), relu, ResidualLayer(64),
         )
         self.enc2 = nn.Sequential(ResidualLayer(64))
 
@@ -95,9 +95,10 @@ class Decoder(nn.Module):
         self.dec1 = ResidualLayer(64)
         self.dec2 = ResidualLayer(64)
         up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        relu = nn.ReLU(inplace=True)
         self.dec3 = nn.Sequential(
-            up, ConvLayer(64, 32, 3, groups=32), nn.ReLU(), ConvLayer(32, 32, 1), nn.ReLU(),
-            up, ConvLayer(32, 16, 3, groups=16), nn.ReLU(), ConvLayer(16, 16, 1), nn.ReLU(), ConvLayer(16, 3, 9),
+            up, ConvLayer(64, 32, 3, groups=32), relu, ConvLayer(32, 32, 1), relu,
+            up, ConvLayer(32, 16, 3, groups=16), relu, ConvLayer(16, 16, 1), relu, ConvLayer(16, 3, 9),
         )
 
 
@@ -159,17 +160,17 @@ def stylise(
     H, W = content.shape[-2:]
     enc = model.content_encoder
     t_enc = tile or balanced_tile(H, W, ENCODER_BPP, budget, ENCODER_CONTEXT, ALIGN)
-    c2 = tiled_apply(lambda t: enc(t)[1], content, scale=1 / ALIGN, out_channels=64, tile=t_enc,
+    c2 = tiled_apply(lambda t: enc(channels_last(t))[1], content, scale=1 / ALIGN, out_channels=64, tile=t_enc,
                      context=ENCODER_CONTEXT, blend=0, align=ALIGN, max_batch=1, device=device, dtype=dtype,
                      progress="encode")  # [1,64,H/4,W/4] float32 CPU
     h, w = c2.shape[-2:]
     t_low = max(16, (tile // ALIGN) if tile else balanced_tile(h, w, TAIL_BPP, budget, TAIL_CONTEXT))
     st = mean_std(c2)
-    f1 = tiled_apply(lambda t: model.head(t, code, st), c2, tile=t_low, context=HEAD_CONTEXT, blend=0,
+    f1 = tiled_apply(lambda t: model.head(channels_last(t), code, st), c2, tile=t_low, context=HEAD_CONTEXT, blend=0,
                      max_batch=1, device=device, dtype=dtype, progress="decode")  # [1,64,h,w]
     del c2
     st = mean_std(f1)
-    return tiled_apply(lambda t: model.tail(t, code, st), f1, scale=ALIGN, out_channels=3, tile=t_low,
+    return tiled_apply(lambda t: model.tail(channels_last(t), code, st), f1, scale=ALIGN, out_channels=3, tile=t_low,
                        context=TAIL_CONTEXT, blend=0, max_batch=1, device=device, dtype=dtype, progress="decode")
 
 
@@ -266,7 +267,7 @@ def build(parts: dict[str, dict[str, torch.Tensor]]) -> MicroAST:
 
 def load(state_dict: dict, meta: dict) -> ModelDescriptor:
     parts = load_parts(state_dict, meta)
-    model = build(parts)
+    model = build(parts).to(memory_format=torch.channels_last)
     return ModelDescriptor(
         family="style", architecture="MicroAST", model=model, purpose="Arbitrary style transfer",
         supports_half=True, supports_bfloat16=False,  # bf16: 8-bit mantissa, visible steps

@@ -80,8 +80,10 @@ def _stage_inputs(comfy, name: str, api: dict) -> dict:
         if not src.is_file():
             src = comfy.input_dir / value  # already staged
         if not src.is_file():
+            src = comfy.comfy_dir / "input" / value  # a stock ComfyUI's own input files (example.png)
+        if not src.is_file():
             pytest.fail(f"workflow {name}: node {nid} ({node['class_type']}) reads {value!r}, "
-                        "which is not in workflows/")
+                        "which is not in workflows/ nor in ComfyUI's stock input folder")
         flat = f"{name}__{nid}__{src.name}"
         if not (comfy.input_dir / flat).exists():
             shutil.copyfile(src, comfy.input_dir / flat)

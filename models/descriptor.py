@@ -50,11 +50,10 @@ class ModelDescriptor:
     size_requirements: SizeRequirements = field(default_factory=SizeRequirements)
     tiling: str = "supported"  # "supported" | "discouraged" | "internal" | "none"
     receptive_field: int | None = None  # input pixels of context a tile needs on each side for exact results
-    tile_hint: int | None = None  # preferred tile side in input pixels, if the architecture has one
     bytes_per_pixel: float | None = None  # activation memory per input pixel at fp32 for a batch of 1
     config: dict[str, Any] = field(default_factory=dict)  # architecture hyper-parameters (JSON-serialisable)
     source: str = ""  # the file it came from
-    extra: Any = None  # anything the family needs to keep (e.g. the spandrel ImageModelDescriptor)
+    extra: Any = None  # the family's typed facts (VAEFacts, SpandrelFacts, DiffusionFacts, ...), see each family
 
     @property
     def parameters(self) -> int:
@@ -68,9 +67,9 @@ class ModelDescriptor:
 
     def memory_estimate(self, pixels: int = 512 * 512, dtype: torch.dtype = torch.float32, batch: int = 1) -> int:
         """Bytes needed to run on `pixels` input pixels: weights plus activations (a rough upper bound)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        bpp = self.bytes_per_pixel if self.bytes_per_pixel is not None else 64 * 4 * 4.0  # 64 ch, 4 live maps
-        return int(self.weight_bytes + bpp * (itemsize / 4) * pixels * batch)
+        from .budget import memory_estimate  # the one memory policy
+
+        return memory_estimate(self, pixels, dtype, batch)
 
     def dtypes(self) -> list[str]:
         out = ["float32"]
@@ -93,13 +92,27 @@ class ModelDescriptor:
             "size_requirements": dataclasses.asdict(self.size_requirements),
             "tiling": self.tiling,
             "receptive_field": self.receptive_field,
-            "tile_hint": self.tile_hint,
             "parameters": self.parameters,
             "weight_bytes": self.weight_bytes,
             "memory_estimate_512px_fp32": self.memory_estimate(),
             "config": self.config,
+            "facts": _facts_json(self.extra),
             "source": self.source,
         }
+
+
+def _facts_json(facts: Any) -> dict[str, Any] | None:
+    """The JSON-able fields of a family's facts dataclass (objects such as a spandrel descriptor left out)."""
+    if not dataclasses.is_dataclass(facts) or isinstance(facts, type):
+        return None
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(facts):
+        v = getattr(facts, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = dataclasses.asdict(v)
+        if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict)):
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 # A detector: (state_dict, path) -> ModelDescriptor, or None when the file is not of its kind.

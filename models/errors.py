@@ -32,3 +32,12 @@ class WrongFamilyError(AtelierError):
 
 class TilingError(AtelierError):
     """Tiled processing ran out of memory at every tile size it tried."""
+
+
+class MemoryBudgetError(InputError):
+    """A request would need more memory than the device has: refused before anything was allocated."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The user asked to stop (outside ComfyUI: Ctrl-C, SIGTERM, `host.request_interrupt`). A KeyboardInterrupt, so
+    that no `except Exception` in a loop swallows it; ComfyUI raises its own InterruptProcessingException instead."""

@@ -14,7 +14,7 @@ from ..models.descriptor import ModelDescriptor
 from ..models.errors import InputError
 from ..models.manager import get_manager
 from ..models.style import transfer
-from ..models.tiling import split_alpha
+from ..models.image import split_alpha
 from .common import bchw_to_image, image_to_bchw, model_choices
 
 log = logging.getLogger(__name__)

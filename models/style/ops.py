@@ -11,7 +11,6 @@ held fixed while tiles run. Two ways, as the network allows:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..progress import Progress
-from ..tiling import auto_tile
+from ..budget import fit_side
+from ..tiling import even_tile
 
 EPS = 1e-5  # AdaIN and instance norm, inside the square root
 
@@ -130,12 +130,7 @@ def tiled_mean_std(
 def balanced_tile(H: int, W: int, bytes_per_pixel: float, budget: int, context: int, align: int = 1) -> int:
     """The tile side for `tiled_apply`: the whole image when it fits `budget`, else the smallest side that needs no
     more tiles than the largest fitting one (a tile just under the image size would otherwise double the work)."""
-    side = auto_tile(H, W, bytes_per_pixel, budget, align)
-    longest = max(H, W)
-    if side >= longest:
-        return longest
-    overlap = 2 * context
-    side = max(side, overlap + 4 * align)
-    n = math.ceil((longest - overlap) / (side - overlap))
-    even = math.ceil((longest - overlap) / n) + overlap
-    return min(side, math.ceil(even / align) * align)
+    side = fit_side(H, W, bytes_per_pixel, budget, align)
+    if side >= max(H, W):
+        return max(H, W)
+    return even_tile((H, W), max(side, 2 * context + 4 * align), 2 * context, align)

@@ -22,7 +22,7 @@ from ..descriptor import ModelDescriptor
 from ..errors import InputError
 from ..manager import ModelManager, get_manager, placement
 from ..progress import Progress
-from ..tiling import match_channels, split_alpha
+from ..image import match_channels, split_alpha
 from . import adain, fast_style, microast
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-spandrel = pytest.importorskip("spandrel")
+import spandrel  # a runtime dependency of the pack: missing is a failure, not a skip
 
 from atelier.models import host  # noqa: E402
 from atelier.models.errors import AtelierError, InputError, UnknownModelError, WrongFamilyError  # noqa: E402
@@ -134,7 +134,7 @@ def test_tiled_equals_untiled(models, shared_dir, name, tile):
     calls = []
     model = _load(name)
     hook = model.model.register_forward_hook(lambda *a: calls.append(1))
-    out = _run(model, _img(x), tile=tile).movedim(-1, 1)
+    out = _run(model, _img(x), tile_size=tile).movedim(-1, 1)
     hook.remove()
     assert len(calls) > 4  # really tiled
     assert out.shape == ref.shape and (out - ref).abs().max().item() <= SEAM_TOL
@@ -178,7 +178,7 @@ def test_progress_per_tile_and_interruption(models, monkeypatch):
     hook = model.model.register_forward_hook(lambda *a: calls.append(1))
     try:
         with pytest.raises(Interrupted):
-            _run(model, torch.rand(1, 128, 128, 3), tile=48)
+            _run(model, torch.rand(1, 128, 128, 3), tile_size=48)
     finally:
         hook.remove()
     assert updates == [1, 2, 3] and len(calls) == 3  # stopped between tiles, not at the end

@@ -111,19 +111,9 @@ def _style_code(desc: ModelDescriptor, model: torch.nn.Module, s: torch.Tensor):
     return model.style_code(s.to(device=device, dtype=dtype))
 
 
-def stylise(
-    desc: ModelDescriptor,
-    content: torch.Tensor,  # [B,C,H,W] in [0,1]
-    style: torch.Tensor | None = None,  # [1|B,C,h,w] in [0,1]
-    *,
-    strength: float = 1.0,
-    style_size: int = 512,
-    preserve_colours: bool = False,
-    tile: int | None = None,
-    manager: ModelManager | None = None,
-) -> tuple[torch.Tensor, list[str]]:  # ([B,C,H,W] in [0,1], notes for the user)
-    """Stylise every content image (see the module docstring). Returns the images and notes (ignored inputs etc.)."""
-    manager = manager or get_manager()
+def _inputs(desc: ModelDescriptor, content: torch.Tensor, style: torch.Tensor | None, strength: float,
+            style_size: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """Checked inputs: (content RGB [B,3,H,W], its alpha or None, the prepared style or None, notes)."""
     if desc.family != "style":
         raise InputError(f"style_model: expected a style model, got a {desc.family} model ({desc.architecture})")
     if not 0.0 <= float(strength) <= 1.0:
@@ -146,6 +136,23 @@ def stylise(
         if raw_side < MIN_STYLE_SIDE:
             notes.append(f"style image {raw_side}px is tiny; enlarged to {MIN_STYLE_SIDE}px (a flat style gives flat "
                          "statistics: the result takes its colour)")
+    return rgb, alpha, style, notes
+
+
+def stylise(
+    desc: ModelDescriptor,
+    content: torch.Tensor,  # [B,C,H,W] in [0,1]
+    style: torch.Tensor | None = None,  # [1|B,C,h,w] in [0,1]
+    *,
+    strength: float = 1.0,
+    style_size: int = 512,
+    preserve_colours: bool = False,
+    tile: int | None = None,
+    manager: ModelManager | None = None,
+) -> tuple[torch.Tensor, list[str]]:  # ([B,C,H,W] in [0,1], notes for the user)
+    """Stylise every content image (see the module docstring). Returns the images and notes (ignored inputs etc.)."""
+    manager = manager or get_manager()
+    rgb, alpha, style, notes = _inputs(desc, content, style, strength, style_size)
     alpha_feat = float(strength) if desc.architecture == "AdaIN" else 1.0
     B = rgb.shape[0]
     outs = []

@@ -211,7 +211,7 @@ class ModelManager:
                 return
             del self._entries[key]
             self._released[key] = (weakref.ref(entry.desc), entry.dtype)
-            weakref.finalize(entry.desc.model, _return_heap_later)
+            weakref.finalize(entry.desc.model, _return_heap_later).atexit = False  # nothing to hand back at exit
             log.info("%s unloaded by ComfyUI: kept only while a node output holds it",
                      os.path.basename(entry.path) or entry.desc.architecture)
 
@@ -238,7 +238,7 @@ class ModelManager:
         """A changed file (other size or mtime) reloads: forget what was read from its old version."""
         for k in [k for k in self._entries if k[0] == path and k[1:3] != key[1:3]]:
             self._forget(k)
-        for k in [k for k in self._released if k[0] == path]:
+        for k in [k for k in self._released if k[0] == path and k[1:3] != key[1:3]]:
             del self._released[k]
 
     def _trim_ram(self) -> None:

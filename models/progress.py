@@ -65,13 +65,17 @@ def _check(_module: torch.nn.Module, _args: object) -> None:
 
 
 @contextlib.contextmanager
-def interruptible(model: torch.nn.Module, depth: int | None = None) -> Iterator[torch.nn.Module]:
+def interruptible(model: torch.nn.Module, depth: int | None = None, *, enabled: bool = True
+                  ) -> Iterator[torch.nn.Module]:
     """Cancel checked before each sub-module (down to `depth` levels; None: all) runs, for the duration of the block.
 
     One forward pass of a large model on a slow device (a StyleGAN image or a whole-image VAE decode on a CPU) takes
     many seconds; with this, Cancel stops it within one layer's time instead of one pass's. The check is a flag read
     (ComfyUI: under its mutex), well under a microsecond; with the hook dispatch a few microseconds per layer call,
     nothing next to the layer itself."""
+    if not enabled:
+        yield model
+        return
     units = [m for name, m in model.named_modules() if name and (depth is None or name.count(".") < depth)]
     handles = [m.register_forward_pre_hook(_check) for m in units]
     try:

@@ -45,6 +45,7 @@ PSI_RANGE = (-2.0, 2.0)
 _GROUP_BOUNDS = (4 / 18, 8 / 18)
 MAX_CHUNK = 256
 RAM = torch.device("cpu")  # where results sized by the user are gathered (memory guards)
+LONG_PASS_BYTES = 16 << 20  # a call whose activations are smaller is short anyway: no per-layer Cancel checks
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value; compare .tensor yourself
@@ -354,9 +355,11 @@ def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, trun
     if g.c_dim and latent.space == "z" and latent.labels is None:
         raise InputError(f"latent: {model_name(desc)} is class-conditional but this z latent carries no class labels")
     gen = torch.Generator().manual_seed(int(noise_seed)) if noise_mode == "random" else None
+    per = _sample_bytes(desc)
 
     def fn(model: Generator, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:  # [b,C,H,W] in 0..1
-        with interruptible(model):  # one chunk can take long on a CPU: Cancel stops between layers
+        # a chunk can take long on a CPU: Cancel stops between layers (not worth the hooks on a tiny call)
+        with interruptible(model, enabled=per * x.shape[0] >= LONG_PASS_BYTES):
             return model.generate(x, labels, space=latent.space, psi=psi, cutoff=truncation_cutoff,
                                   noise_mode=noise_mode, generator=gen)
 
@@ -364,7 +367,6 @@ def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, trun
     res = int(g.img_resolution)
     budget.require(budget.tensor_bytes(n, max(3, int(getattr(g, "img_channels", 3))), res, res) * 2,
                    f"GAN Sample: {n} images of {res}x{res}", RAM)
-    per = _sample_bytes(desc)
     step = chunk or _chunk_size(manager, desc, n, per)
     if n <= step:  # one call, the usual case: no bar, no slices (this path is timed at batch 1 by bench/gan.py)
         host.throw_if_interrupted()
@@ -410,7 +412,8 @@ def translate(manager: ModelManager, desc: ModelDescriptor, image: torch.Tensor,
 
     def fn(model: torch.nn.Module) -> torch.Tensor:
         dev, dt = placement(model)
-        with torch.no_grad(), interruptible(model):  # a big tile is one long call on a CPU
+        long = scaled_bpp(desc.bytes_per_pixel) * x.shape[0] * ph * pw >= LONG_PASS_BYTES
+        with torch.no_grad(), interruptible(model, enabled=long):  # a big tile is one long call on a CPU
             return tiled_apply(model, x, scale=1, out_channels=desc.out_channels, tile=tile or None, context=context,
                                blend=16, align=max(1, req.multiple_of), bytes_per_pixel=desc.bytes_per_pixel,
                                budget_bytes=act_budget, device=dev, dtype=dt, progress="GAN tiles")

@@ -17,6 +17,7 @@ layout on encode. `decode` takes either layout.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -249,12 +250,14 @@ def merge_state_dicts(encoder_sd: dict | None, decoder_sd: dict | None) -> dict[
     return out
 
 
-def _kind_keys() -> dict[str, set[str]]:
-    """Expected state-dict keys of every network kind (built on the meta device: no memory, no init cost)."""
+@functools.lru_cache(maxsize=1)
+def _kind_keys() -> dict[str, frozenset[str]]:
+    """Expected state-dict keys of every network kind (built once, on the meta device: no memory; every detect of
+    any file asks, so the six networks are not rebuilt each time)."""
     with torch.device("meta"):
         nets = {"encoder": Encoder(), "encoder_pool": Encoder(pool=True), "encoder_f32": F32Encoder(),
                 "decoder": Decoder(), "decoder_pool": Decoder(pool=True), "decoder_f32": F32Decoder()}
-    return {k: set(n.state_dict()) for k, n in nets.items()}
+    return {k: frozenset(n.state_dict()) for k, n in nets.items()}
 
 
 def _split(sd: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]] | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import types
 
@@ -166,9 +167,27 @@ def test_ram_cache_evicts_least_recently_used(models_root, fake_detector):
     assert m.cached() == []
 
 
-def test_process_wide_manager_is_lazy(monkeypatch):
-    monkeypatch.setattr(mgr, "_MANAGER", None)
-    assert mgr.get_manager() is mgr.get_manager()
+def test_process_wide_manager_is_created_on_first_use_and_replaceable(monkeypatch, tmp_path):
+    monkeypatch.setattr(mgr, "_MANAGER", None)  # restored afterwards
+    monkeypatch.setenv(mgr.ENV_MODELS, str(tmp_path))
+    first = mgr.get_manager()
+    assert isinstance(first, mgr.ModelManager) and first.models_root == str(tmp_path)
+    assert mgr.get_manager() is first
+    other = mgr.ModelManager(str(tmp_path / "other"), device=torch.device("cpu"))
+    mgr.set_manager(other)
+    assert mgr.get_manager() is other
+    mgr.set_manager(None)
+    fresh = mgr.get_manager()
+    assert fresh is not first and fresh is not other
+
+
+def test_importing_the_pack_creates_no_manager():
+    """Nothing at import: the pack (nodes, folder registration) imported in a fresh process leaves no manager."""
+    code = ("import torch, atelier, atelier.models.manager as m; "
+            "assert m._MANAGER is None, 'a manager was created at import'; "
+            "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_outward_links_are_not_offered(manager, models_root, tmp_path):

@@ -120,7 +120,9 @@ def test_matches_diffusers_autoencoder_tiny(tiny, layout, tmp_path):
     want_z, want_x = ref_z / 0.13025, ref_x.clamp(0, 1)
     facts = {"family": "vae", "architecture": "TAESD", "model.variant": "taesdxl",
              "model.vae_scale": pytest.approx(0.13025), "model.vae_shift": 0.0}
-    common = dict(folder="vae_approx", family="vae", facts=facts)
+    # each layout in the format it is published in (madebyollin's .pth pairs, safetensors otherwise): one load each
+    common = dict(folder="vae_approx", family="vae", facts=facts,
+                  formats=["pth"] if layout == "separate" else ["safetensors"])
     if layout == "separate":
         check_roundtrip(tmp_path, enc, name="taesdxl_encoder", run=lambda m: m.encode(x), expected=want_z, tol=1e-4,
                         **common)

@@ -6,8 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from atelier.nodes.info import AtelierModelInfo
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-FAMILIES = ("gan", "vae", "diffusion", "upscale", "inpaint")
+FAMILIES = ("gan", "vae", "diffusion", "upscale", "inpaint", "style")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ DETECTORS: list[tuple[str, str]] = [
     ("MNIST FC VAE", ".vae.fc"),
     ("UNet2DModel (diffusers)", ".diffusion.unet2d"),
     ("ADM (guided-diffusion)", ".diffusion.adm"),
+    ("MicroAST", ".style.microast"),
+    ("AdaIN", ".style.adain"),
+    ("TransformerNet", ".style.fast_style"),
     ("spandrel", ".spandrel_arch"),
 ]
 

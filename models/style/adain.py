@@ -21,7 +21,7 @@ from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import ModelLoadError
 from ..loading import read_state_dict
 from ..tiling import tiled_apply
-from .ops import Stats, adain, balanced_tile, channels_last, mean_std
+from .ops import Stats, StyleFacts, adain, balanced_tile, channels_last, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class AdaIN(nn.Module):
         super().__init__()
         self.vgg = make_vgg()
         self.decoder = make_decoder()
+
+    def planned(self, content: torch.Tensor, code: Stats, alpha: float, **kw) -> torch.Tensor:
+        return stylise(self, content, code, alpha=alpha, **kw)
 
     def style_code(self, style: torch.Tensor) -> Stats:  # [B,3,h,w] -> relu4_1 statistics
         return mean_std(self.vgg(style))
@@ -168,4 +171,5 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         size_requirements=SizeRequirements(minimum=ALIGN, multiple_of=ALIGN), tiling="internal",
         receptive_field=ENCODER_CONTEXT, bytes_per_pixel=ENCODER_BPP,
         config={"arbitrary": True, "strength": "feature", "align": ALIGN},
+        extra=StyleFacts(arbitrary=True, feature_strength=True, align=ALIGN),
     )

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..tiling import tiled_apply
-from .ops import ConvLayer, Stats, balanced_tile, instance_norm, mean_std, tiled_mean_std
+from .ops import ConvLayer, Stats, StyleFacts, balanced_tile, instance_norm, mean_std, tiled_mean_std
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ class TransformerNet(nn.Module):
 
     def up2(self, y: torch.Tensor) -> torch.Tensor:
         return self.deconv2(F.interpolate(y, scale_factor=2, mode="nearest"))
+
+    def planned(self, content: torch.Tensor, code: None, alpha: float, **kw) -> torch.Tensor:
+        return stylise(self, content * 255.0, **kw) / 255.0  # the network works on 0..255 values
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,3,H,W] in 0..255 -> raw, 0..255 range
         y = F.relu(self.in1(self.conv1(x)))
@@ -161,4 +164,5 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         size_requirements=SizeRequirements(minimum=ALIGN, multiple_of=ALIGN), tiling="internal",
         receptive_field=12, bytes_per_pixel=FULL_BPP * 4,
         config={"arbitrary": False, "strength": "pixel", "align": ALIGN, "value_range": 255},
+        extra=StyleFacts(arbitrary=False, feature_strength=False, align=ALIGN),
     )

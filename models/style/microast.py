@@ -24,7 +24,7 @@ from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
 from ..loading import read_state_dict
 from ..tiling import tiled_apply
-from .ops import ConvLayer, Stats, adain, balanced_tile, channels_last, mean_std
+from .ops import ConvLayer, Stats, StyleFacts, adain, balanced_tile, channels_last, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,9 @@ class MicroAST(nn.Module):
         self.style_encoder = Encoder()
         self.modulator = Modulator()
         self.decoder = Decoder()
+
+    def planned(self, content: torch.Tensor, code: StyleCode, alpha: float, **kw) -> torch.Tensor:
+        return stylise(self, content, code, **kw)  # trained at alpha 1 only: strength is a pixel blend
 
     def style_code(self, style: torch.Tensor) -> StyleCode:  # style [B,3,h,w]
         s = self.style_encoder(style)
@@ -274,6 +277,7 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         size_requirements=SizeRequirements(minimum=ALIGN, multiple_of=ALIGN), tiling="internal",
         receptive_field=ENCODER_CONTEXT, bytes_per_pixel=ENCODER_BPP,
         config={"arbitrary": True, "strength": "pixel", "align": ALIGN},
+        extra=StyleFacts(arbitrary=True, feature_strength=False, align=ALIGN),
     )
 
 

@@ -40,6 +40,17 @@ class ConvLayer(nn.Module):
         return getattr(self, self.attr)(x)
 
 
+@dataclass(frozen=True)
+class StyleFacts:
+    """The typed facts of a style network (`desc.extra`). Each network's module also gives it a method
+    `planned(content [1,3,H,W] in [0,1], code, alpha, *, tile, budget, device, dtype) -> [1,3,H,W] in ~[0,1]`: its own
+    any-size strategy (whole-image statistics first, then tiles), so the family never branches on names."""
+
+    arbitrary: bool  # takes a style image (MicroAST, AdaIN); False: one style built in (TransformerNet)
+    feature_strength: bool  # strength is the network's own feature blend (AdaIN's alpha); False: a pixel blend
+    align: int  # content sides are padded to a multiple of this
+
+
 @dataclass
 class Stats:
     """Per-sample, per-channel mean and std of a feature map: [B,C,1,1] each."""

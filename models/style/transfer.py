@@ -18,20 +18,19 @@ import torch
 import torch.nn.functional as F
 
 from .. import colour
-from ..descriptor import ModelDescriptor
+from ..budget import call_budget
+from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError
 from ..manager import ModelManager, get_manager, placement
 from ..progress import Progress
-from ..image import match_channels, split_alpha
-from . import adain, fast_style, microast
+from ..image import MAX_SIDE, match_channels, pad_to, split_alpha
+from .ops import StyleFacts
 
 log = logging.getLogger(__name__)
 
 FOLDER = "style"
-CPU_WORK_BYTES = 768 << 20  # activation bytes per call on the CPU (tiles of ~1600 px: context costs < 10 %)
 MIN_STYLE_SIDE = 32  # smaller style images (down to 1x1) are enlarged: their statistics then have no spread, guarded
 MIN_CONTENT_SIDE = 16
-MAX_SIDE = 16384
 
 
 def load_style_model(name: str, folder: str = FOLDER, *, manager: ModelManager | None = None) -> ModelDescriptor:
@@ -41,7 +40,7 @@ def load_style_model(name: str, folder: str = FOLDER, *, manager: ModelManager |
 
 def is_arbitrary(desc: ModelDescriptor) -> bool:
     """Whether the model takes a style image (MicroAST, AdaIN) or has one style built in (TransformerNet)."""
-    return bool(desc.config.get("arbitrary"))
+    return bool(desc.extra.arbitrary)
 
 
 def _rgb(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -70,35 +69,17 @@ def check_pairs(content: torch.Tensor, style: torch.Tensor | None) -> None:
                          f"per content image), got a batch of {style.shape[0]}")
 
 
-def _pad(x: torch.Tensor, multiple: int, minimum: int) -> torch.Tensor:
-    """Reflect-pad right/bottom to a multiple (replicate where the image is too small to reflect)."""
-    H, W = x.shape[-2:]
-    ph = -(-max(H, minimum) // multiple) * multiple - H
-    pw = -(-max(W, minimum) // multiple) * multiple - W
-    if not (ph or pw):
-        return x
-    mode = "reflect" if ph < H and pw < W else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
-
-
 def _budget(manager: ModelManager, desc: ModelDescriptor, device: torch.device) -> int:
-    budget = manager.activation_budget(desc)
-    return min(budget, CPU_WORK_BYTES) if device.type == "cpu" else budget
+    return call_budget(manager.activation_budget(desc), device)  # the one CPU cap per call (models/budget.py)
 
 
 def _run_one(desc: ModelDescriptor, model: torch.nn.Module, x: torch.Tensor, code, alpha: float, tile: int | None,
              budget: int) -> torch.Tensor:  # x [1,3,H,W] in [0,1] -> [1,3,H,W] in [0,1]
     device, dtype = placement(model)
-    align = int(desc.config.get("align", 4))
+    facts: StyleFacts = desc.extra
     H, W = x.shape[-2:]
-    xp = _pad(x, align, MIN_CONTENT_SIDE)
-    kw = dict(tile=tile, budget=budget, device=device, dtype=dtype)
-    if desc.architecture == "MicroAST":
-        out = microast.stylise(model, xp, code, **kw)
-    elif desc.architecture == "AdaIN":
-        out = adain.stylise(model, xp, code, alpha=alpha, **kw)
-    else:
-        out = fast_style.stylise(model, xp * 255.0, **kw) / 255.0
+    xp = pad_to(x, *SizeRequirements(MIN_CONTENT_SIDE, facts.align).padded_size(H, W))
+    out = model.planned(xp, code, alpha, tile=tile, budget=budget, device=device, dtype=dtype)
     out = out[..., :H, :W].float().cpu()
     if not torch.isfinite(out).all():
         raise InputError(f"{os.path.basename(desc.source)}: the output has NaN/Inf values (a degenerate style "
@@ -153,7 +134,7 @@ def stylise(
     """Stylise every content image (see the module docstring). Returns the images and notes (ignored inputs etc.)."""
     manager = manager or get_manager()
     rgb, alpha, style, notes = _inputs(desc, content, style, strength, style_size)
-    alpha_feat = float(strength) if desc.architecture == "AdaIN" else 1.0
+    alpha_feat = float(strength) if desc.extra.feature_strength else 1.0
     B = rgb.shape[0]
     outs = []
     codes: dict[tuple[int, int], object] = {}  # (model, style index) -> its code, computed once per style

@@ -102,11 +102,11 @@ def load_vae(name: str, folder: str = "vae", *, manager: ModelManager | None = N
     desc = manager.load(name, folder, family="vae")
     enc = desc if getattr(desc.model, "has_encoder", False) else None
     dec = desc if getattr(desc.model, "has_decoder", False) else None
-    if desc.architecture == "TAESD" and (enc is None or dec is None):
+    if desc.extra.halves and (enc is None or dec is None):
         other = _companion(manager, folder, name)
         if other is not None:
             half = manager.load(other, folder, family="vae")
-            if half.architecture == "TAESD" and half.model.latent_channels == desc.model.latent_channels:
+            if half.architecture == desc.architecture and half.extra.latent_channels == desc.extra.latent_channels:
                 enc = enc or (half if half.model.has_encoder else None)
                 dec = dec or (half if half.model.has_decoder else None)
                 log.info("%s: paired with %s", name, other)
@@ -216,7 +216,7 @@ def encode(vae: VAE, image: torch.Tensor, *, sample: bool = False, seed: int = 0
     desc = vae.encoder
     if desc is None:
         raise InputError(f"vae: {vae.describe()} has no encoder (a decoder-only file"
-                         f"{'; put its *_encoder file beside it' if vae.architecture == 'TAESD' else ''})")
+                         f"{'; put its *_encoder file beside it' if vae.facts.halves else ''})")
     x = _image_for(vae, image)
     if vae.fixed_size is None:
         if max(x.shape[-2:]) > MAX_SIDE:
@@ -254,7 +254,7 @@ def decode(vae: VAE, latent: torch.Tensor, *, size: tuple[int, int] | None = Non
     desc = vae.decoder
     if desc is None:
         raise InputError(f"vae: {vae.describe()} has no decoder (an encoder-only file"
-                         f"{'; put its *_decoder file beside it' if vae.architecture == 'TAESD' else ''})")
+                         f"{'; put its *_decoder file beside it' if vae.facts.halves else ''})")
     z = check_latent(vae, latent, name)
     f = vae.downscale
     _require_images(vae, z.shape[0], z.shape[-2] * f, z.shape[-1] * f, f"VAE Decode: {name}")

@@ -28,6 +28,7 @@ class VAEFacts:
     encode_bytes_per_pixel: float = FALLBACK_BYTES_PER_PIXEL  # fp32 activations of an encode per image pixel
     decode_bytes_per_latent_pixel: float = FALLBACK_BYTES_PER_PIXEL  # fp32 activations of a decode per latent pixel
     nnpack: bool = False  # its 64-channel 3x3 convolutions run through NNPACK on the CPU (about 2.8x measured)
+    halves: bool = False  # published as an `x_encoder` and an `x_decoder` file: loading one brings the other (TAESD)
 
 
 @dataclass(frozen=True)

@@ -354,6 +354,7 @@ def _descriptor(model: TAESD, variant: str, guessed: bool, pool: bool) -> ModelD
         # activation bytes at fp32 (measured on the CPU: about 4.5 live 64-channel maps at the largest resolution)
         encode_bytes_per_pixel=64 * 4.5 * 4, decode_bytes_per_latent_pixel=64 * f * f * 4.5 * 4,
         nnpack=True,  # 64-channel 3x3 convolutions throughout
+        halves=True,
     )
     config: dict[str, Any] = {
         "variant": variant, "variant_guessed": guessed, "latent_channels": c, "downscale": f,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import masks as M
-from ..descriptor import ModelDescriptor
+from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, WrongFamilyError
 from ..latents import seeded_normal
 from ..manager import ModelManager, get_manager, placement
@@ -63,6 +63,34 @@ def check_mask(mask: torch.Tensor, batch: int, height: int, width: int, *, resiz
         note = f"mask resized from {m.shape[2]}x{m.shape[1]} to {width}x{height}"
         m = F.interpolate(m.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
     return m.expand(batch, height, width), note
+
+
+def descriptor_of(model: object) -> ModelDescriptor:
+    """Our descriptor for an INPAINT_MODEL input: ours, or a spandrel MaskedImageModelDescriptor from another pack's
+    loader (described here with what spandrel says: architecture, size requirements, dtypes)."""
+    if isinstance(model, ModelDescriptor):
+        return model
+    cached = getattr(model, "atelier", None)
+    if isinstance(cached, ModelDescriptor):
+        return cached
+    try:
+        from spandrel import MaskedImageModelDescriptor
+    except ImportError:  # pragma: no cover (spandrel is a dependency)
+        MaskedImageModelDescriptor = ()  # type: ignore[assignment]
+    if not isinstance(model, MaskedImageModelDescriptor):
+        raise InputError(f"inpaint_model: expected an INPAINT_MODEL (Atelier Load Inpaint Model), got "
+                         f"{type(model).__name__}")
+    req = model.size_requirements
+    desc = ModelDescriptor(
+        family="inpaint", architecture=str(model.architecture.id), model=model.model, purpose="Inpainting",
+        in_channels=model.input_channels, out_channels=model.output_channels,
+        supports_half=bool(model.supports_half), supports_bfloat16=bool(model.supports_bfloat16),
+        size_requirements=SizeRequirements(req.minimum, req.multiple_of, req.square), tiling="none", extra=model)
+    try:
+        model.atelier = desc  # adopted once, not per run
+    except AttributeError:
+        pass
+    return desc
 
 
 def check_model(desc: ModelDescriptor) -> None:

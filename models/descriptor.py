@@ -68,9 +68,9 @@ class ModelDescriptor:
 
     def memory_estimate(self, pixels: int = 512 * 512, dtype: torch.dtype = torch.float32, batch: int = 1) -> int:
         """Bytes needed to run on `pixels` input pixels: weights plus activations (a rough upper bound)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        bpp = self.bytes_per_pixel if self.bytes_per_pixel is not None else 64 * 4 * 4.0  # 64 ch, 4 live maps
-        return int(self.weight_bytes + bpp * (itemsize / 4) * pixels * batch)
+        from .budget import memory_estimate  # the one memory policy
+
+        return memory_estimate(self, pixels, dtype, batch)
 
     def dtypes(self) -> list[str]:
         out = ["float32"]

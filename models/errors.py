@@ -32,3 +32,7 @@ class WrongFamilyError(AtelierError):
 
 class TilingError(AtelierError):
     """Tiled processing ran out of memory at every tile size it tried."""
+
+
+class MemoryBudgetError(InputError):
+    """A request would need more memory than the device has: refused before anything was allocated."""

@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import host, registry
+from . import budget, host, registry
+from .budget import placement  # noqa: F401 (re-exported: families import it from here)
 from .descriptor import ModelDescriptor
 from .errors import ModelPathError, WrongFamilyError
 from .loading import MODEL_EXTENSIONS, read_state_dict
@@ -31,26 +31,6 @@ log = logging.getLogger(__name__)
 
 FOLDERS = ("upscale_models", "vae", "vae_approx", "checkpoints", "diffusion_models", "gans", "inpaint")
 ENV_MODELS = "ATELIER_MODELS"
-
-
-# module -> (sub-module, parameter name) of its first floating parameter: a lookup instead of a walk per call.
-# The parameter is read back from its owner each time, so moves, casts and swapped parameters are seen.
-_PROBES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.nn.Module, str]]" = weakref.WeakKeyDictionary()
-
-
-def placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """(device, floating dtype) of a module's weights: move inputs there before calling it."""
-    probe = _PROBES.get(model)
-    if probe is not None:
-        p = probe[0]._parameters.get(probe[1])
-        if p is not None and p.is_floating_point():
-            return p.device, p.dtype
-    for mod in model.modules():
-        for name, p in mod._parameters.items():
-            if p is not None and p.is_floating_point():
-                _PROBES[model] = (mod, name)
-                return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
 
 
 @dataclass
@@ -102,16 +82,8 @@ class ModelManager:
         return self._offload
 
     def dtype_for(self, desc: ModelDescriptor) -> torch.dtype:
-        """fp32 on CPU; bf16 or fp16 on GPU where the architecture supports it."""
-        dev = self.compute_device
-        if dev.type == "cuda":
-            if desc.supports_bfloat16 and torch.cuda.is_bf16_supported():
-                return torch.bfloat16
-            if desc.supports_half:
-                return torch.float16
-        elif dev.type == "mps" and desc.supports_half:
-            return torch.float16
-        return torch.float32
+        """The dtype a model runs in on the compute device (models/budget.py decides)."""
+        return budget.dtype_for(desc, self.compute_device)
 
     # ------------------------------------------------------------ names and files
 
@@ -273,11 +245,11 @@ class ModelManager:
         if placement(entry.desc.model)[0] == dev:
             return
         if dev.type != "cpu":
-            budget = self.budget_bytes if self.budget_bytes is not None else host.free_bytes(dev) + self._resident_bytes()
+            room = self.budget_bytes if self.budget_bytes is not None else host.free_bytes(dev) + self._resident_bytes()
             resident = sorted((e for e in self._entries.values() if e.on_device and e is not entry), key=lambda e: e.last_used)
             used = sum(e.desc.weight_bytes for e in resident)
             for e in resident:  # least recently used first
-                if used + entry.desc.weight_bytes <= budget:
+                if used + entry.desc.weight_bytes <= room:
                     break
                 if e.in_use == 0:
                     e.desc.model.to(self.offload_device)
@@ -307,14 +279,8 @@ class ModelManager:
         return out
 
     def activation_budget(self, desc: ModelDescriptor) -> int:
-        """Bytes free for activations on the compute device, after the weights."""
-        dev = self.compute_device
-        free = host.free_bytes(dev)
-        share = 0.5 if dev.type == "cpu" else 0.8
-        budget = int(free * share)
-        if self.budget_bytes is not None:
-            budget = min(budget, max(0, self.budget_bytes - desc.weight_bytes))
-        return max(budget, 64 << 20)
+        """Bytes free for activations on the compute device, after the weights (models/budget.py decides)."""
+        return budget.activation_budget(desc, self.compute_device, self.budget_bytes)
 
     def unload(self, desc: ModelDescriptor | None = None, *, forget: bool = False) -> None:
         """Move one model (or all) off the compute device; `forget=True` also drops it from the RAM cache."""

@@ -13,10 +13,11 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import host
+from .budget import fit_side
 from .errors import InputError, TilingError
+from .image import pad_to
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def tiled_apply(
     dtype = dtype or torch.float32
     H, W = x.shape[-2:]
     if tile is None:
-        tile = auto_tile(H, W, bytes_per_pixel, budget_bytes, align, dtype)
+        tile = fit_side(H, W, bytes_per_pixel, budget_bytes, align, dtype)
     batch = max(1, max_batch)
     attempts: list[int] = []
     for _ in range(max_retries + 1):
@@ -77,17 +78,6 @@ def tiled_apply(
     )
 
 
-def auto_tile(H: int, W: int, bytes_per_pixel: float | None, budget_bytes: int | None, align: int = 1,
-              dtype: torch.dtype = torch.float32) -> int:
-    """The largest tile side whose activations fit the budget (the whole image when it fits)."""
-    if bytes_per_pixel is None or budget_bytes is None:
-        return max(H, W) if H * W <= 1024 * 1024 else 512
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    pixels = budget_bytes / max(1e-9, bytes_per_pixel * itemsize / 4)
-    side = int(math.sqrt(max(pixels, 1)))
-    return max(H, W) if side >= max(H, W) else max(align, side // align * align)
-
-
 def _fit_tile(tile: int, context: int, blend: int, align: int) -> int:
     """A tile must hold its context on both sides plus something to contribute."""
     smallest = 2 * (2 * context + blend) + align
@@ -98,7 +88,7 @@ def _tiled(fn, x, scale, out_channels, tile, context, blend, align, batch, devic
     B, _, H, W = x.shape
     pad_h, pad_w = (-H) % align, (-W) % align
     if pad_h or pad_w:
-        x = _pad(x, pad_h, pad_w)
+        x = pad_to(x, H + pad_h, W + pad_w)
     Hp, Wp = x.shape[-2:]
     ys, th = _starts(Hp, tile, 2 * context + blend, align)
     xs, tw = _starts(Wp, tile, 2 * context + blend, align)
@@ -139,11 +129,6 @@ def _accumulate(out, res, group, ys, xs, wy, wx, scale):
         out[b, :, y0 : y0 + sh, x0 : x0 + sw].addcmul_(res[n], w.to(res.device))
 
 
-def _pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
-    mode = "reflect" if pad_h < x.shape[-2] and pad_w < x.shape[-1] else "replicate"
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-
-
 def _starts(length: int, tile: int, overlap: int, align: int) -> tuple[list[int], int]:
     """Evenly spread tile starts (multiples of align) covering [0,length) with at least `overlap` between tiles."""
     if length <= tile:
@@ -179,24 +164,34 @@ def _ramp(pos: torch.Tensor, a: float, b: float) -> torch.Tensor:
     return 0.5 - 0.5 * torch.cos(math.pi * t)
 
 
-# ---------------------------------------------------------------- channels
+# ---------------------------------------------------------------- tile geometry and receptive fields
 
 
-def split_alpha(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[B,4,H,W] -> ([B,3,H,W], [B,1,H,W]); [B,2,H,W] (grey+alpha) -> ([B,1,H,W], [B,1,H,W]); else (x, None)."""
-    if x.shape[1] in (2, 4):
-        return x[:, :-1], x[:, -1:]
-    return x, None
+def even_tile(lengths: tuple[int, ...], max_tile: int, overlap: int, align: int = 1) -> int:
+    """The smallest tile side (a multiple of align) that covers each length with as few tiles as `max_tile` allows
+    (three tiles of 43 overlapping by 22 cost less than two of 60 that overlap by 56); an axis that fits is one tile."""
+    side = max(align, max_tile // align * align)
+    if side >= max(lengths) or side <= overlap:
+        return side if side < max(lengths) else max(lengths)
+    best = 0
+    for L in lengths:
+        if L <= side:
+            best = max(best, L)
+            continue
+        n = math.ceil((L - overlap) / (side - overlap))
+        t = math.ceil((L + (n - 1) * overlap) / n)
+        best = max(best, min(side, math.ceil(t / align) * align))
+    return best
 
 
-def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """Grey <-> RGB conversion so an image fits a model's channel count (luma for RGB -> grey)."""
-    c = x.shape[1]
-    if c == channels:
-        return x
-    if c == 1:
-        return x.expand(-1, channels, -1, -1)
-    if channels == 1 and c == 3:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x * w).sum(1, keepdim=True)
-    raise InputError(f"image: expected 1 or 3 channels for a {channels}-channel model, got {c}")
+def conv_receptive_radius(seq: torch.nn.Module) -> float:
+    """How far (in input pixels) an output pixel of a stack of convolutions and upsamplings sees, each side: the
+    exact bound for plain stacks (sum of kernel radii, scaled by the strides and upsamplings before them)."""
+    radius, step = 0.0, 1.0
+    for m in seq.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            radius += (m.kernel_size[0] - 1) / 2 * m.dilation[0] * step
+            step *= m.stride[0]
+        elif isinstance(m, torch.nn.Upsample):
+            step /= float(m.scale_factor)
+    return radius

@@ -27,7 +27,7 @@ from ..descriptor import ModelDescriptor
 from ..errors import InputError
 from ..manager import ModelManager, placement
 from ..progress import Progress
-from ..tiling import match_channels, split_alpha
+from ..image import match_channels, split_alpha
 from .sampling import GANLatent, check_generator, class_labels, model_identity, model_name, resolve_space
 
 log = logging.getLogger(__name__)

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import host
+from ..budget import SMALL_CALL_BYTES, fit_batch, scaled_bpp
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
+from ..image import match_channels, split_alpha
 from ..manager import ModelManager, placement
 from ..progress import Progress
-from ..tiling import match_channels, split_alpha, tiled_apply
+from ..tiling import tiled_apply
 from .dcgan import LatentGenerator
 from .latent import style_mix, truncate
 
@@ -348,13 +350,13 @@ def to_unit(img: torch.Tensor, output_range: tuple[float, float], inplace: bool 
 
 def _sample_bytes(desc: ModelDescriptor) -> float:
     """Activation bytes of one sample (a rough upper bound: float32, plus half again)."""
-    return (desc.bytes_per_pixel or 1024.0) * desc.model.img_resolution**2 * 1.5
+    return scaled_bpp(desc.bytes_per_pixel) * desc.model.img_resolution**2 * 1.5
 
 
 def _chunk_size(manager: ModelManager, desc: ModelDescriptor, batch: int, per: float) -> int:
-    if batch * per <= 256 << 20:  # small: one call, without asking the device for its free memory
+    if batch * per <= SMALL_CALL_BYTES:  # one call, without asking the device for its free memory
         return min(batch, MAX_CHUNK)
-    return max(1, min(batch, MAX_CHUNK, int(manager.activation_budget(desc) // max(per, 1.0))))
+    return fit_batch(per, batch, manager.activation_budget(desc), MAX_CHUNK)
 
 
 def _sample_fn(latent: GANLatent, psi: float, cutoff: int | None, noise_mode: str, gen: torch.Generator | None,

@@ -18,18 +18,18 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import host
+from ..budget import scaled_bpp
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
 from ..manager import ModelManager, get_manager, placement
-from ..tiling import match_channels, split_alpha, tiled_apply
+from ..image import MAX_SIDE, match_channels, resize, split_alpha
+from ..tiling import even_tile, tiled_apply
 from .cpu_conv import cpu_threads, fast_cpu_convs
 
 log = logging.getLogger(__name__)
 
-MAX_SIDE = 16384  # largest output side (ComfyUI's MAX_RESOLUTION)
 MAX_PASSES = 4  # model passes one call may chain (x4 model: up to x256)
 ALPHA_MODES = ("resize", "model")
 # Input pixels per call on the CPU for a 64-feature model (scaled by 64/features): its feature maps (~24 MB) stay
@@ -89,14 +89,6 @@ def plan_passes(scale: int, height: int, width: int, out_h: int, out_w: int) -> 
             h, w = min(h, max(1, math.ceil(out_h / scale))), min(w, max(1, math.ceil(out_w / scale)))
         sizes.append((h, w))
     return sizes
-
-
-def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:  # [B,C,h,w] -> [B,C,height,width]
-    """High-quality resize: bicubic with antialiasing when shrinking, clamped to 0..1."""
-    if tuple(x.shape[-2:]) == (height, width):
-        return x
-    y = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-    return y.clamp_(0, 1)
 
 
 # ---------------------------------------------------------------- the public entry point
@@ -217,12 +209,6 @@ def _per_sample_fallback(call):
     return fn
 
 
-def bytes_per_pixel(desc: ModelDescriptor, dtype: torch.dtype) -> float:
-    """Peak activation bytes per input pixel of one call (NNPACK's banded workspace is bounded: not counted)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return (desc.bytes_per_pixel or 4.0 * 64 * 48) * itemsize / 4
-
-
 def tile_plan(desc: ModelDescriptor, H: int, W: int, batch: int, device: torch.device, dtype: torch.dtype,
               tile: int | None, manager: ModelManager) -> TilePlan:
     """Tile side, context, blend and batch for one pass: one call when the image fits (always for "global" models
@@ -232,7 +218,7 @@ def tile_plan(desc: ModelDescriptor, H: int, W: int, batch: int, device: torch.d
     context = int(desc.receptive_field or 0)
     exact = bool(cfg.get("exact_tiles", False))
     blend = 4 if exact else max(16, context // 2)
-    bpp = bytes_per_pixel(desc, dtype)
+    bpp = scaled_bpp(desc.bytes_per_pixel, dtype)  # NNPACK's banded workspace is bounded: not counted
     budget = manager.activation_budget(desc)
     if tile:
         max_pixels = float(tile * tile)
@@ -247,16 +233,9 @@ def tile_plan(desc: ModelDescriptor, H: int, W: int, batch: int, device: torch.d
     overlap = 2 * context + blend
     side = tile or int(math.sqrt(max_pixels))
     side = max(side // align * align, 2 * overlap + align)
-    t = max(_even_tile(L, side, overlap, align) if L > side else L for L in (H, W))  # an axis that fits: one tile
+    t = even_tile((H, W), side, overlap, align)  # an axis that fits: one tile
     n = 1 if device.type == "cpu" else max(1, int(budget // max(bpp * t * t, 1.0)))
     if desc.tiling in ("discouraged", "internal") or not exact:
         log.info("%s: tiling a %s model (%dpx tiles, context %d, blend %d); it may show faint seams",
                  desc.architecture, cfg.get("scope", "?"), t, context, blend)
     return TilePlan(t, context, blend, align, n)
-
-
-def _even_tile(length: int, max_tile: int, overlap: int, align: int) -> int:
-    """The smallest tile (multiple of align) covering `length` with as few tiles as `max_tile` allows."""
-    n = math.ceil((length - overlap) / max(1, max_tile - overlap))
-    t = math.ceil((length + (n - 1) * overlap) / n)
-    return min(max_tile, math.ceil(t / align) * align)

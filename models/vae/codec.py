@@ -21,26 +21,26 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import host
+from ..budget import call_budget, itemsize
 from ..descriptor import ModelDescriptor
 from ..errors import InputError, ModelPathError
+from ..image import MAX_SIDE, match_channels, pad_multiple, split_alpha
+from ..latents import seeded_normal, slerp_weights
 from ..manager import ModelManager, get_manager, placement
-from ..tiling import auto_tile, match_channels, split_alpha, tiled_apply
-from . import kl_bands, taesd
+from . import taesd
+from .facts import VAEFacts, Work
 
 log = logging.getLogger(__name__)
 
-CPU_WORK_BYTES = 512 << 20  # activation bytes per call on the CPU: larger calls are no faster, only bigger
 NNPACK_BYTES_PER_FEATURE = 18.0  # NNPACK's Winograd workspace per pixel and channel (models/upscale measured it)
-MAX_SIDE = 16384
 INTERPOLATIONS = ("slerp", "lerp")
 
 
@@ -60,30 +60,34 @@ class VAE:
         return desc
 
     @property
+    def facts(self) -> VAEFacts:
+        return self._any.extra
+
+    @property
     def architecture(self) -> str:
         return self._any.architecture
 
     @property
     def latent_channels(self) -> int:
-        return int(self._any.model.latent_channels)
+        return self.facts.latent_channels
 
     @property
     def downscale(self) -> int:
-        return int(self._any.model.downscale)
+        return self.facts.downscale
 
     @property
     def image_channels(self) -> int:
-        return int(self._any.model.image_channels)
+        return self.facts.image_channels
 
     @property
     def packed_channels(self) -> int | None:
         """FLUX.2's packed layout (4x the channels at half the size), which TAEF2 also decodes."""
-        return self._any.config.get("packed_latent_channels")
+        return self.facts.packed_latent_channels
 
     @property
     def fixed_size(self) -> int | None:
         """The one image side a fully connected VAE takes (MNIST: 28), else None."""
-        return self._any.config.get("image_size") if self._any.tiling == "none" else None
+        return self.facts.fixed_size
 
     def describe(self) -> str:
         return f"{self.name!r} ({self.architecture}, {self.latent_channels} latent channels, 1/{self.downscale})"
@@ -162,55 +166,43 @@ def _image_for(vae: VAE, image: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------ budgets
-def _bpp(desc: ModelDescriptor, kind: str, device: torch.device, dtype: torch.dtype) -> float:
-    """Activation bytes of one call per input pixel (latent pixel for decode) at `dtype`."""
-    key = "decode_bytes_per_latent_pixel" if kind == "decode" else "encode_bytes_per_pixel"
-    bpp = float(desc.config.get(key) or desc.bytes_per_pixel or 64 * 4 * 4)
-    if device.type == "cpu" and dtype == torch.float32 and _nnpack(desc):
-        per_px = 64 * (desc.model.downscale ** 2 if kind == "decode" else 1)
-        bpp += NNPACK_BYTES_PER_FEATURE * per_px
-    return bpp * torch.empty((), dtype=dtype).element_size() / 4
+def _work(desc: ModelDescriptor, part: str, device: torch.device, dtype: torch.dtype, tile: int | None,
+          manager: ModelManager) -> Work:
+    """What one encode (part="encode") or decode call may use: one call when the image fits the activation budget
+    (models/budget.py: capped on the CPU, where bigger calls run no faster); past it the architecture's own
+    strategy splits the work (`encode_planned` / `decode_planned`)."""
+    facts: VAEFacts = desc.extra
+    bpp = facts.decode_bytes_per_latent_pixel if part == "decode" else facts.encode_bytes_per_pixel
+    if _nnpack(facts, device, dtype):
+        bpp += NNPACK_BYTES_PER_FEATURE * 64 * (facts.downscale**2 if part == "decode" else 1)
+    budget = manager.activation_budget(desc)
+    call = call_budget(budget, device)
+    storage = max(0, budget - call) if device.type == "cpu" else int(host.free_bytes(torch.device("cpu")) * 0.5)
+    return Work(device, dtype, tile, bpp * itemsize(dtype) / 4, call, storage, desc.source or "VAE")
 
 
-def _nnpack(desc: ModelDescriptor) -> bool:
-    """NNPACK's Winograd convolutions pay on the CPU for TAESD's 64-channel layers (about 2.8x measured)."""
-    if desc.architecture != "TAESD":
+def _need(desc: ModelDescriptor, part: str, pixels: int) -> int:
+    """Device memory to ask the host for: the weights and one call's activations (calls are capped at 1 GiB)."""
+    facts: VAEFacts = desc.extra
+    bpp = facts.decode_bytes_per_latent_pixel if part == "decode" else facts.encode_bytes_per_pixel
+    return desc.weight_bytes + int(min(bpp * pixels, 1 << 30))
+
+
+def _nnpack(facts: VAEFacts, device: torch.device, dtype: torch.dtype) -> bool:
+    """NNPACK's Winograd convolutions pay on the CPU for 64-channel layers (TAESD: about 2.8x measured)."""
+    if not (facts.nnpack and device.type == "cpu" and dtype == torch.float32):
         return False
     from ..upscale.cpu_conv import nnpack_usable
 
     return nnpack_usable()
 
 
-def work_budget(manager: ModelManager, desc: ModelDescriptor, device: torch.device) -> int:
-    """Activation bytes one call may use on the compute device."""
-    budget = manager.activation_budget(desc)
-    return min(budget, CPU_WORK_BYTES) if device.type == "cpu" else budget
-
-
-def _need(desc: ModelDescriptor, kind: str, pixels: int) -> int:
-    """Device memory to ask the host for: the weights and one call's activations (calls are capped at 1 GiB)."""
-    return desc.weight_bytes + int(min(_bpp(desc, kind, torch.device("cuda"), torch.float32) * pixels, 1 << 30))
-
-
-def storage_budget(manager: ModelManager, desc: ModelDescriptor, device: torch.device) -> int:
-    """System memory for the whole-image maps of an exact banded pass (on the CPU, what one call does not use)."""
-    if device.type == "cpu":
-        return max(0, manager.activation_budget(desc) - work_budget(manager, desc, device))
-    return int(host.free_bytes(torch.device("cpu")) * 0.5)
-
-
 def _fast_convs(desc: ModelDescriptor, model: nn.Module, device: torch.device, dtype: torch.dtype):
+    if not _nnpack(desc.extra, device, dtype):
+        return nullcontext()
     from ..upscale.cpu_conv import fast_cpu_convs
 
-    return fast_cpu_convs(model, enabled=_nnpack(desc) and device.type == "cpu" and dtype == torch.float32)
-
-
-def _pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    ph, pw = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
-    if not (ph or pw):
-        return x
-    mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
+    return fast_cpu_convs(model)
 
 
 # ------------------------------------------------------------------------------------------------------ encode
@@ -224,75 +216,31 @@ def encode(vae: VAE, image: torch.Tensor, *, sample: bool = False, seed: int = 0
         raise InputError(f"vae: {vae.describe()} has no encoder (a decoder-only file"
                          f"{'; put its *_encoder file beside it' if vae.architecture == 'TAESD' else ''})")
     x = _image_for(vae, image)
-    f = vae.downscale
     if vae.fixed_size is None:
         if max(x.shape[-2:]) > MAX_SIDE:
             raise InputError(f"image: {x.shape[-2]}x{x.shape[-1]} is larger than {MAX_SIDE} pixels a side")
-        x = _pad(x, f)
-    gaussian = desc.architecture != "TAESD"  # TAESD encoders are deterministic: no posterior to sample
+        x = pad_multiple(x, vae.downscale)
 
     def work(model: nn.Module) -> torch.Tensor:
         device, dtype = placement(model)
+        plan = _work(desc, "encode", device, dtype, tile, manager)
         with torch.no_grad(), _fast_convs(desc, model, device, dtype):
-            if desc.architecture == "TAESD":
-                return _taesd_encode(desc, model, x, tile, manager, device, dtype)
-            if desc.architecture.startswith("KL"):
-                return torch.cat(_kl_moments(desc, model, x, tile, manager, device, dtype), dim=1)
-            return torch.cat(model.moments(x.to(device, dtype)), dim=1).float().cpu()
+            if tile is None and plan.bytes_per_pixel * x.shape[-2] * x.shape[-1] <= plan.call_bytes:
+                if vae.facts.gaussian:
+                    return torch.cat([t.float().cpu() for t in model.moments(x.to(device, dtype))], dim=1)
+                return model.encode(x).float().cpu()
+            return model.encode_planned(x, plan)
 
     out = manager.run(desc, work, memory_required=_need(desc, "encode", x.shape[-2] * x.shape[-1]))
-    if not gaussian:
+    if not vae.facts.gaussian:
         if sample:
-            log.info("%s: a TAESD encoder is deterministic; 'sample' gives the same latent as 'mean'", vae.name)
+            log.info("%s: a %s encoder is deterministic; 'sample' gives the same latent as 'mean'", vae.name,
+                     vae.architecture)
         return out
     mean, logvar = out.chunk(2, dim=1)
     if not sample:
         return mean.contiguous()
-    noise = _normal(mean.shape, seed)
-    return mean + torch.exp(0.5 * logvar) * noise  # [B,c,h,w]
-
-
-def _normal(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
-    """Standard normal [B,...] on the CPU, sample i drawn from seed + i (a batch's images do not depend on its
-    size, and are the same on every device)."""
-    return torch.cat([torch.randn(1, *shape[1:], generator=torch.Generator().manual_seed((int(seed) + i) % 2**64))
-                      for i in range(shape[0])])
-
-
-def _taesd_encode(desc, model, x, tile, manager, device, dtype) -> torch.Tensor:
-    """Pure-convolution trunk (to 1/f) tiled with its receptive field as context; the rest (TAEF2's GroupNorm
-    layers) at 1/f resolution on the whole image."""
-    seq: nn.Sequential = model.encoder
-    cut = max(i for i, m in enumerate(seq) if isinstance(m, nn.Conv2d) and m.stride[0] > 1) + 1
-    trunk, rest = seq[:cut], seq[cut:]
-    f = model.downscale
-    H, W = x.shape[-2:]
-    context = math.ceil(receptive_radius(trunk))  # exact: no blending needed
-    side = _balanced(H, W, tile or auto_tile(H, W, _bpp(desc, "encode", device, dtype),
-                                             work_budget(manager, desc, device), f), 2 * context, f)
-    feats = tiled_apply(trunk, x, scale=1 / f, tile=side, context=context, blend=0, align=f, max_batch=1,
-                        device=device, dtype=dtype, progress="encode")  # [B,64,H/f,W/f]
-    outs = [rest(feats[i : i + 1].to(device, dtype)).float().cpu() for i in range(feats.shape[0])]
-    z = torch.cat(outs) / model.vae_scale + model.vae_shift
-    return taesd.pack_latents(z) if model.pack_latents else z
-
-
-def _kl_moments(desc, model, x, tile, manager, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    H, W = x.shape[-2:]
-    budget = work_budget(manager, desc, device)
-    if tile is None and _bpp(desc, "encode", device, dtype) * H * W <= budget:
-        mean, logvar = model.moments(x.to(device, dtype))
-        return mean.float().cpu(), logvar.float().cpu()
-    band = int(_bpp(desc, "encode", device, dtype) * tile * tile) if tile else budget
-    if kl_bands.fits(model, H, W, "encode", storage_budget(manager, desc, device)):
-        return kl_bands.moments(model, x, device=device, dtype=dtype, band_bytes=band)
-    log.warning("%s: %dx%d is too large for exact banded encoding in the memory free; encoding in independent tiles "
-                "(GroupNorm per tile: colours may drift slightly)", os.path.basename(desc.source), H, W)
-    f = model.downscale
-    side = tile or auto_tile(H, W, _bpp(desc, "encode", device, dtype), budget, f)
-    res = tiled_apply(lambda t: torch.cat(model.moments(t), dim=1), x, scale=1 / f, tile=side, context=8 * f,
-                      blend=8 * f, align=f, max_batch=1, device=device, dtype=dtype, progress="encode")
-    return res.chunk(2, dim=1)
+    return mean + torch.exp(0.5 * logvar) * seeded_normal(mean.shape, seed)  # [B,c,h,w]
 
 
 # ------------------------------------------------------------------------------------------------------ decode
@@ -311,12 +259,15 @@ def decode(vae: VAE, latent: torch.Tensor, *, size: tuple[int, int] | None = Non
 
     def work(model: nn.Module) -> torch.Tensor:
         device, dtype = placement(model)
+        plan = _work(desc, "decode", device, dtype, tile_latent, manager)
         with torch.no_grad(), _fast_convs(desc, model, device, dtype):
-            if desc.architecture == "TAESD":
-                return _taesd_decode(desc, model, z, tile_latent, manager, device, dtype)
-            if desc.architecture.startswith("KL"):
-                return _kl_decode(desc, model, z, tile_latent, manager, device, dtype)
-            return model.decode(z.to(device, dtype)).float().cpu()
+            one = plan.bytes_per_pixel * z.shape[-2] * z.shape[-1]
+            if tile_latent is None and one * z.shape[0] <= plan.call_bytes:
+                return model.decode(z.to(device, dtype)).float().cpu()
+            if tile_latent is None and one <= plan.call_bytes:
+                return torch.cat([model.decode(z[i : i + 1].to(device, dtype)).float().cpu()
+                                  for i in range(z.shape[0])])
+            return model.decode_planned(z, plan)
 
     out = manager.run(desc, work, memory_required=_need(desc, "decode", z.shape[-2] * z.shape[-1]))
     if size is not None:
@@ -324,64 +275,6 @@ def decode(vae: VAE, latent: torch.Tensor, *, size: tuple[int, int] | None = Non
         if out.shape[-2] - f < H <= out.shape[-2] and out.shape[-1] - f < W <= out.shape[-1]:
             out = out[..., :H, :W]
     return out
-
-
-def _taesd_decode(desc, model, z, tile, manager, device, dtype) -> torch.Tensor:
-    """The blocks at latent resolution (TAEF2's GroupNorm layers among them) on the whole latent; the upsampling
-    rest, pure convolutions, tiled with its receptive field as context."""
-    seq: nn.Sequential = model.decoder
-    cut = next(i for i, m in enumerate(seq) if isinstance(m, nn.Upsample))
-    head, rest = seq[:cut], seq[cut:]
-    f = model.downscale
-    h, w = z.shape[-2:]
-    feats = torch.cat([head(((z[i : i + 1] - model.vae_shift) * model.vae_scale).to(device, dtype)).float().cpu()
-                       for i in range(z.shape[0])])  # [B,64,h,w]
-    context = math.ceil(receptive_radius(rest))  # exact: no blending needed
-    side = _balanced(h, w, tile or auto_tile(h, w, _bpp(desc, "decode", device, dtype),
-                                             work_budget(manager, desc, device)), 2 * context)
-    out = tiled_apply(rest, feats, scale=f, out_channels=3, tile=side, context=context, blend=0, max_batch=1,
-                      device=device, dtype=dtype, progress="decode")
-    return out.clamp_(0, 1)
-
-
-def _kl_decode(desc, model, z, tile, manager, device, dtype) -> torch.Tensor:
-    h, w = z.shape[-2:]
-    bpp = _bpp(desc, "decode", device, dtype)
-    budget = work_budget(manager, desc, device)
-    if tile is None and bpp * h * w <= budget:
-        return torch.cat([model.decode(z[i : i + 1].to(device, dtype)).float().cpu() for i in range(z.shape[0])])
-    band = int(bpp * tile * tile) if tile else budget
-    if kl_bands.fits(model, h, w, "decode", storage_budget(manager, desc, device)):
-        return kl_bands.decode(model, z, device=device, dtype=dtype, band_bytes=band)
-    f = model.downscale
-    log.warning("%s: %dx%d is too large for exact banded decoding in the memory free; decoding in independent tiles "
-                "(GroupNorm per tile: colours may drift between tiles)", os.path.basename(desc.source), h * f, w * f)
-    side = tile or auto_tile(h, w, bpp, budget)
-    return tiled_apply(model.decode, z, scale=model.downscale, out_channels=model.image_channels, tile=side,
-                       context=8, blend=8, max_batch=1, device=device, dtype=dtype, progress="decode")
-
-
-def _balanced(H: int, W: int, max_side: int, overlap: int, align: int = 1) -> int:
-    """The smallest tile side (a multiple of align) that covers both sides with as few tiles as `max_side` allows:
-    three tiles of 43 overlapping by 22 cost less than two of 60 that overlap by 56."""
-    side = max_side // align * align
-    if side >= max(H, W) or side <= overlap:
-        return max(side, align)
-    n = max(math.ceil((L - overlap) / (side - overlap)) for L in (H, W))
-    even = max(math.ceil((L + (n - 1) * overlap) / n) for L in (H, W))
-    return min(side, math.ceil(even / align) * align)
-
-
-def receptive_radius(seq: nn.Module) -> float:
-    """How far (in input pixels) an output pixel of a stack of convolutions and upsamplings sees, each side."""
-    radius, step = 0.0, 1.0
-    for m in seq.modules():
-        if isinstance(m, nn.Conv2d):
-            radius += (m.kernel_size[0] - 1) / 2 * m.dilation[0] * step
-            step *= m.stride[0]
-        elif isinstance(m, nn.Upsample):
-            step /= float(m.scale_factor)
-    return radius
 
 
 # ------------------------------------------------------------------------------------------------------ prior
@@ -398,7 +291,7 @@ def sample_prior(vae: VAE, batch: int, height: int, width: int, seed: int, tempe
         if min(height, width) < 1 or max(height, width) > MAX_SIDE:
             raise InputError(f"width/height: expected 1..{MAX_SIDE}, got {width}x{height}")
         h, w = math.ceil(height / vae.downscale), math.ceil(width / vae.downscale)
-    return _normal((batch, vae.latent_channels, h, w), seed) * float(temperature)
+    return seeded_normal((batch, vae.latent_channels, h, w), seed) * float(temperature)
 
 
 # ------------------------------------------------------------------------------------------------------ interpolation
@@ -423,21 +316,6 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int, mode: str = "slerp
     n = max(a.shape[0], b.shape[0])
     a, b = a.float().expand(n, *a.shape[1:]), b.float().expand(n, *b.shape[1:])
     t = torch.linspace(0, 1, steps, dtype=torch.float64)  # [S]
-    fa, fb = _weights(a.flatten(1).double(), b.flatten(1).double(), t, mode)  # [N,S] each
+    fa, fb = slerp_weights(a.flatten(1).double(), b.flatten(1).double(), t, mode)  # [N,S] each
     out = fa[:, :, None] * a.flatten(1).double()[:, None] + fb[:, :, None] * b.flatten(1).double()[:, None]
     return out.float().reshape(n * steps, *a.shape[1:])
-
-
-def _weights(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coefficients of a and b, each [N,S], for a, b [N,D] and t [S]."""
-    lin = (1 - t)[None].expand(a.shape[0], -1), t[None].expand(a.shape[0], -1)
-    if mode == "lerp":
-        return lin
-    cos = F.cosine_similarity(a, b, dim=1, eps=1e-12).clamp(-1, 1)  # [N]
-    theta = torch.acos(cos)[:, None]  # [N,1]
-    sin = torch.sin(theta)
-    near = (sin.abs() < 1e-6) | (a.norm(dim=1, keepdim=True) == 0) | (b.norm(dim=1, keepdim=True) == 0)
-    safe = torch.where(near, torch.ones_like(sin), sin)
-    fa = torch.where(near, lin[0], torch.sin((1 - t)[None] * theta) / safe)
-    fb = torch.where(near, lin[1], torch.sin(t[None] * theta) / safe)
-    return fa, fb

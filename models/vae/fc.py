@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
+from .facts import VAEFacts, Work
 from .kl import draw
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,14 @@ class FCVAE(nn.Module):
         s = self.image_size
         return torch.sigmoid(self.fc4(h)).reshape(-1, 1, s, s)
 
+    # One size, one call: nothing to split (models/vae/facts.py).
+
+    def encode_planned(self, x: torch.Tensor, work: Work) -> torch.Tensor:  # [B,1,S,S] -> [B,2c,1,1] CPU
+        return torch.cat(self.moments(x), dim=1).float().cpu()
+
+    def decode_planned(self, z: torch.Tensor, work: Work) -> torch.Tensor:  # [B,c,1,1] -> [B,1,S,S] CPU
+        return self.decode(z).float().cpu()
+
 
 def detect(state_dict: dict, meta: dict) -> bool:
     if set(state_dict) != _KEYS:
@@ -100,4 +109,5 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         tiling="none",
         config={"image_size": s, "hidden": hidden, "latent_channels": latent, "downscale": s,
                 "latent_shape": [latent, 1, 1], "image_channels": 1, "input_size_exact": [s, s]},
+        extra=VAEFacts(latent_channels=latent, downscale=s, image_channels=1, gaussian=True, fixed_size=s),
     )

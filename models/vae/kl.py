@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
+from .facts import VAEFacts, Work
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +371,20 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z).add_(1).div_(2).clamp_(0, 1)  # [-1,1] -> [0,1]
 
+    # The strategy for large images (models/vae/facts.py): GroupNorm and the middle attention see the whole image,
+    # so tiles cannot be independent; kl_bands runs the network layer-synchronously in bands with whole-image
+    # GroupNorm statistics and whole-latent attention (within 1/255 of untiled).
+
+    def encode_planned(self, x: torch.Tensor, work: Work) -> torch.Tensor:  # [B,C,H,W] -> [B,2c,h,w] CPU
+        from . import kl_bands  # it builds on this module
+
+        return kl_bands.planned_moments(self, x, work)
+
+    def decode_planned(self, z: torch.Tensor, work: Work) -> torch.Tensor:  # [B,c,h,w] -> [B,C,H,W] CPU
+        from . import kl_bands
+
+        return kl_bands.planned_decode(self, z, work)
+
 
 def _check_image(x: torch.Tensor, channels: int, multiple: int) -> None:
     if x.ndim != 4 or x.shape[1] != channels:
@@ -504,6 +519,9 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         "encode_bytes_per_pixel": 6.5 * 4 * base,
     }
     decoder = cfg["has_decoder"]
+    facts = VAEFacts(latent_channels=cfg["latent_channels"], downscale=f, image_channels=cfg["image_channels"],
+                     gaussian=True, encode_bytes_per_pixel=config["encode_bytes_per_pixel"],
+                     decode_bytes_per_latent_pixel=config["decode_bytes_per_latent_pixel"])
     return ModelDescriptor(
         family="vae",
         architecture="KL-f%d" % f,
@@ -517,7 +535,7 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         size_requirements=SizeRequirements(multiple_of=f),
         tiling="supported",  # with fixed GroupNorm statistics; mid attention is global, so not exact
         receptive_field=None,
-        tile_hint=64 if decoder else 512,
-        bytes_per_pixel=config["decode_bytes_per_latent_pixel"] if decoder else config["encode_bytes_per_pixel"],
+        bytes_per_pixel=facts.decode_bytes_per_latent_pixel if decoder else facts.encode_bytes_per_pixel,
         config=config,
+        extra=facts,
     )

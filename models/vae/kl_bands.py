@@ -20,6 +20,7 @@ maps take about a sixth of the untiled peak, in system memory (on a GPU only the
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -28,8 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import host
+from ..budget import fit_side
 from ..progress import Progress
+from ..tiling import tiled_apply
 from . import kl
+from .facts import Work
 
 log = logging.getLogger(__name__)
 
@@ -306,3 +310,36 @@ def storage_bytes(model: kl.AutoencoderKL, height: int, width: int, part: str, i
 def fits(model: kl.AutoencoderKL, height: int, width: int, part: str, budget: int) -> bool:
     """Whether the whole maps of an exact banded pass fit `budget` bytes."""
     return storage_bytes(model, height, width, part) <= budget
+
+
+# ---------------------------------------------------------------- the KL autoencoder's strategy (models/vae/facts.py)
+
+
+def planned_moments(model: kl.AutoencoderKL, x: torch.Tensor, work: Work) -> torch.Tensor:
+    """Image [B,C,H,W] -> [B,2c,h,w] (mean, logvar) CPU: exact bands when their whole maps fit the storage budget;
+    else independent tiles (GroupNorm per tile: colours may drift slightly), with a warning."""
+    H, W = x.shape[-2:]
+    band = int(work.bytes_per_pixel * work.tile * work.tile) if work.tile else work.call_bytes
+    if fits(model, H, W, "encode", work.storage_bytes):
+        return torch.cat(moments(model, x, device=work.device, dtype=work.dtype, band_bytes=band), dim=1)
+    log.warning("%s: %dx%d is too large for exact banded encoding in the memory free; encoding in independent tiles "
+                "(GroupNorm per tile: colours may drift slightly)", os.path.basename(work.name), H, W)
+    f = model.downscale
+    side = work.tile or fit_side(H, W, work.bytes_per_pixel, work.call_bytes, f)
+    return tiled_apply(lambda t: torch.cat(model.moments(t), dim=1), x, scale=1 / f, tile=side, context=8 * f,
+                       blend=8 * f, align=f, max_batch=1, device=work.device, dtype=work.dtype, progress="encode")
+
+
+def planned_decode(model: kl.AutoencoderKL, z: torch.Tensor, work: Work) -> torch.Tensor:
+    """Latent [B,c,h,w] -> image [B,C,h*f,w*f] CPU: exact bands when their whole maps fit the storage budget; else
+    independent tiles (GroupNorm per tile: colours may drift between tiles), with a warning."""
+    h, w = z.shape[-2:]
+    band = int(work.bytes_per_pixel * work.tile * work.tile) if work.tile else work.call_bytes
+    if fits(model, h, w, "decode", work.storage_bytes):
+        return decode(model, z, device=work.device, dtype=work.dtype, band_bytes=band)
+    f = model.downscale
+    log.warning("%s: %dx%d is too large for exact banded decoding in the memory free; decoding in independent tiles "
+                "(GroupNorm per tile: colours may drift between tiles)", os.path.basename(work.name), h * f, w * f)
+    side = work.tile or fit_side(h, w, work.bytes_per_pixel, work.call_bytes)
+    return tiled_apply(model.decode, z, scale=f, out_channels=model.image_channels, tile=side, context=8, blend=8,
+                       max_batch=1, device=work.device, dtype=work.dtype, progress="decode")

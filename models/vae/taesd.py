@@ -18,6 +18,7 @@ layout on encode. `decode` takes either layout.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from typing import Any
@@ -25,8 +26,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..budget import fit_side
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
+from ..tiling import conv_receptive_radius, even_tile, tiled_apply
+from .facts import VAEFacts, Work
 from .kl import GroupNorm  # GroupNorm with collectable / fixable statistics (for tiled taef2)
 
 log = logging.getLogger(__name__)
@@ -189,6 +193,38 @@ class TAESD(nn.Module):
         x = self.decoder((z.to(p.device, p.dtype) - self.vae_shift) * self.vae_scale)
         return x.clamp(0, 1)
 
+    # The strategy for large images (models/vae/facts.py): what is at latent resolution (the decoder's first blocks,
+    # the encoder's last, where TAEF2's GroupNorm "pool" layers sit) runs whole; the rest, pure convolutions, runs
+    # through the tiling engine with its receptive field as context, so tiled equals untiled up to float rounding.
+
+    def encode_planned(self, x: torch.Tensor, work: Work) -> torch.Tensor:  # [B,3,H,W] -> [B,c,H/f,W/f] CPU
+        seq: nn.Sequential = self.encoder
+        cut = max(i for i, m in enumerate(seq) if isinstance(m, nn.Conv2d) and m.stride[0] > 1) + 1
+        trunk, rest = seq[:cut], seq[cut:]
+        f = self.downscale
+        H, W = x.shape[-2:]
+        context = math.ceil(conv_receptive_radius(trunk))  # exact: no blending needed
+        side = even_tile((H, W), work.tile or fit_side(H, W, work.bytes_per_pixel, work.call_bytes, f),
+                         2 * context, f)
+        feats = tiled_apply(trunk, x, scale=1 / f, tile=side, context=context, blend=0, align=f, max_batch=1,
+                            device=work.device, dtype=work.dtype, progress="encode")  # [B,64,H/f,W/f]
+        outs = [rest(feats[i : i + 1].to(work.device, work.dtype)).float().cpu() for i in range(feats.shape[0])]
+        z = torch.cat(outs) / self.vae_scale + self.vae_shift
+        return pack_latents(z) if self.pack_latents else z
+
+    def decode_planned(self, z: torch.Tensor, work: Work) -> torch.Tensor:  # [B,c,h,w] -> [B,3,h*f,w*f] CPU
+        seq: nn.Sequential = self.decoder
+        cut = next(i for i, m in enumerate(seq) if isinstance(m, nn.Upsample))
+        head, rest = seq[:cut], seq[cut:]
+        h, w = z.shape[-2:]
+        feats = torch.cat([head(((z[i : i + 1] - self.vae_shift) * self.vae_scale).to(work.device, work.dtype))
+                           .float().cpu() for i in range(z.shape[0])])  # [B,64,h,w]
+        context = math.ceil(conv_receptive_radius(rest))  # exact: no blending needed
+        side = even_tile((h, w), work.tile or fit_side(h, w, work.bytes_per_pixel, work.call_bytes), 2 * context)
+        out = tiled_apply(rest, feats, scale=self.downscale, out_channels=3, tile=side, context=context, blend=0,
+                          max_batch=1, device=work.device, dtype=work.dtype, progress="decode")
+        return out.clamp_(0, 1)
+
 
 def set_variant(desc: ModelDescriptor, variant: str) -> None:
     """Give a loaded TAESD the latent scale/shift of `variant` (when its file name did not say which it is)."""
@@ -221,20 +257,6 @@ def merge_state_dicts(encoder_sd: dict | None, decoder_sd: dict | None) -> dict[
     for prefix, sd in (("encoder.", encoder_sd), ("decoder.", decoder_sd)):
         out.update({prefix + k: v for k, v in (sd or {}).items()})
     return out
-
-
-def companion_path(path: str) -> str | None:
-    """`x_encoder.pth` <-> `x_decoder.pth` (any extension of the pair) if that file exists beside it."""
-    folder, name = os.path.split(path)
-    m = re.match(r"(.*)_(encoder|decoder)(\.[^.]+)$", name)
-    if not m:
-        return None
-    other = "decoder" if m.group(2) == "encoder" else "encoder"
-    for ext in (m.group(3), ".safetensors", ".pth", ".pt", ".sft"):
-        cand = os.path.join(folder, f"{m.group(1)}_{other}{ext}")
-        if os.path.isfile(cand):
-            return cand
-    return None
 
 
 def _kind_keys() -> dict[str, set[str]]:
@@ -333,17 +355,18 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
 def _descriptor(model: TAESD, variant: str, guessed: bool, pool: bool) -> ModelDescriptor:
     f, c = model.downscale, model.latent_channels
     both = model.has_encoder and model.has_decoder
+    facts = VAEFacts(
+        latent_channels=c, downscale=f, image_channels=3, gaussian=False,
+        packed_latent_channels=4 * c if variant == "taef2" else None,
+        # activation bytes at fp32 (measured on the CPU: about 4.5 live 64-channel maps at the largest resolution)
+        encode_bytes_per_pixel=64 * 4.5 * 4, decode_bytes_per_latent_pixel=64 * f * f * 4.5 * 4,
+        nnpack=True,  # 64-channel 3x3 convolutions throughout
+    )
     config: dict[str, Any] = {
         "variant": variant, "variant_guessed": guessed, "latent_channels": c, "downscale": f,
         "vae_scale": model.vae_scale, "vae_shift": model.vae_shift, "midblock_groupnorm": pool,
         "has_encoder": model.has_encoder, "has_decoder": model.has_decoder,
-        "packed_latent_channels": 4 * c if variant == "taef2" else None,
-        # receptive field radius of the decoder in latent pixels (for exact tiles without GroupNorm layers)
-        "decoder_receptive_field_latent": 19 if f == 8 else None,
-        "encoder_receptive_field_px": 146 if f == 8 else None,
-        # activation bytes at fp32 (measured on the CPU: about 4.5 live 64-channel maps at the largest resolution)
-        "decode_bytes_per_latent_pixel": 64 * f * f * 4.5 * 4,
-        "encode_bytes_per_pixel": 64 * 4.5 * 4,
+        "packed_latent_channels": facts.packed_latent_channels,
     }
     return ModelDescriptor(
         family="vae",
@@ -357,8 +380,9 @@ def _descriptor(model: TAESD, variant: str, guessed: bool, pool: bool) -> ModelD
         supports_bfloat16=True,
         size_requirements=SizeRequirements(multiple_of=f),
         tiling="discouraged" if pool else "supported",  # GroupNorm pool layers: tiles need fixed statistics
-        receptive_field=config["decoder_receptive_field_latent"] if model.has_decoder else None,
-        tile_hint=None,
-        bytes_per_pixel=config["decode_bytes_per_latent_pixel"] if model.has_decoder else config["encode_bytes_per_pixel"],
+        # the decoder's receptive field radius in latent pixels (the exact bound of its convolutions)
+        receptive_field=math.ceil(conv_receptive_radius(model.decoder)) if model.has_decoder else None,
+        bytes_per_pixel=facts.decode_bytes_per_latent_pixel if model.has_decoder else facts.encode_bytes_per_pixel,
         config=config,
+        extra=facts,
     )

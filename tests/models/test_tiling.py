@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from atelier.models import tiling
+from atelier.models import budget, tiling
 from atelier.models.errors import InputError, TilingError
 
 
@@ -99,17 +99,6 @@ def test_bad_input():
 
 
 def test_auto_tile_from_budget():
-    assert tiling.auto_tile(300, 200, None, None) == 300  # fits: whole image
-    side = tiling.auto_tile(4096, 4096, bytes_per_pixel=1024, budget_bytes=256 << 20)
+    assert budget.fit_side(300, 200, None, None) == 300  # fits: whole image
+    side = budget.fit_side(4096, 4096, bytes_per_pixel=1024, budget_bytes=256 << 20)
     assert side == 512  # 256 MiB / 1 KiB per pixel = 512^2 pixels
-
-
-def test_channel_helpers():
-    rgba = torch.rand(1, 4, 5, 5)
-    rgb, a = tiling.split_alpha(rgba)
-    assert rgb.shape[1] == 3 and a.shape[1] == 1
-    grey = tiling.match_channels(rgb, 1)
-    assert grey.shape[1] == 1
-    assert tiling.match_channels(grey, 3).shape[1] == 3
-    with pytest.raises(InputError):
-        tiling.match_channels(torch.rand(1, 2, 4, 4), 3)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from atelier.models.errors import InputError
 from atelier.models.tiling import tiled_apply
-from atelier.models.vae import codec, kl, taesd
+from atelier.models.vae import codec, kl, kl_bands, taesd
 
 L255 = 1 / 255
 
@@ -33,7 +33,8 @@ def spy(monkeypatch):
         calls.append((kw.get("tile"), tuple(x.shape)))
         return tiled_apply(fn, x, **kw)
 
-    monkeypatch.setattr(codec, "tiled_apply", wrapped)
+    for module in (taesd, kl_bands):  # the architectures' own strategies call the tiling engine
+        monkeypatch.setattr(module, "tiled_apply", wrapped)
     return calls
 
 

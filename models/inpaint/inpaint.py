@@ -14,7 +14,8 @@ Strategies:
 
 Whatever the strategy, the result is `image` where the mask is 0, bit for bit, and `image * (1 - m) + fill * m`
 elsewhere (the model itself sees the mask binarised at > 0). Greyscale images run as RGB and come back grey; alpha is
-kept aside and restored. MAT's latent comes from `seed` (item i: seed + i), so its fill is reproducible.
+kept aside and restored. MAT's latent and its inference-time dropout come from `seed` (item i: seed + i), so its
+fill is reproducible.
 """
 from __future__ import annotations
 
@@ -127,7 +128,11 @@ def run_model(desc: ModelDescriptor, image: torch.Tensor, hole: torch.Tensor, se
         m = pad_to(hole.to(image.dtype), desc).to(dev, dtype)
         if hasattr(model, "z") and isinstance(model.z, torch.Tensor):  # MAT: the latent is an attribute
             model.z = seeded_normal(tuple(model.z.shape), seed).to(dev, model.z.dtype)
-        out = model(x, m)
+        # MAT also drops out at inference (F.dropout(training=True)) from the global generator: seeded, and the
+        # caller's random state left as it was
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type=dev.type):
+            torch.manual_seed(int(seed) % 2**63)
+            out = model(x, m)
         return out[..., :h, :w].clamp(0, 1).to(image.device, torch.float32)
 
     return manager.run(desc, fn, memory_required=need)

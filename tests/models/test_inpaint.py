@@ -203,8 +203,13 @@ def test_mat_equals_spandrel_with_seed(tmp_path):
     img, m = _image(500, 512, seed=9), _mask(500, 512, (200, 300, 180, 320))
     with torch.inference_mode():
         out, _ = ip.inpaint(desc, img, m, strategy="original", seed=42, manager=mgr)
-        sp = spandrel.ModelLoader().load_from_state_dict(sd).eval()
+        from spandrel_extra_arches import EXTRA_REGISTRY
+
+        reg = spandrel.MAIN_REGISTRY.copy()
+        reg.add(*EXTRA_REGISTRY, ignore_duplicates=True)
+        sp = spandrel.ModelLoader(registry=reg).load_from_state_dict(sd).eval()
         sp.model.z = seeded_normal((1, 512), 42).to(sp.model.z.dtype)
+        torch.manual_seed(42)  # MAT drops out at inference from the global generator
         ref = sp(img, m[:, None])
     ref = torch.where(m[:, None] > 0, ref, img)
     assert (out - ref).abs().max() < TOL

@@ -27,7 +27,10 @@ def comfy_python(comfy: pathlib.Path) -> str:
 
 def pkg_root() -> pathlib.Path:
     """A folder holding `atelier` -> this repository, so the pack imports as a package under any interpreter."""
-    root = pathlib.Path(tempfile.gettempdir()) / f"atelier_bench_pkg_{os.getuid()}"
+    import hashlib
+
+    tag = hashlib.sha1(str(REPO).encode()).hexdigest()[:8]  # one per checkout: worktrees must not share the link
+    root = pathlib.Path(tempfile.gettempdir()) / f"atelier_bench_pkg_{os.getuid()}_{tag}"
     root.mkdir(exist_ok=True)
     link = root / "atelier"
     if not link.exists():

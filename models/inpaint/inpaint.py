@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import host
 from .. import masks as M
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, WrongFamilyError
@@ -288,6 +289,7 @@ def _fill(desc: ModelDescriptor, x: torch.Tensor, hole: torch.Tensor, strategy: 
     fill = x.clone()
     scaled = []
     for reg in regions(hole, context, desc):
+        host.throw_if_interrupted()  # Cancel between regions (each is one model call)
         y0, y1, x0, x1 = reg.box
         crop, ch = x[..., y0:y1, x0:x1], reg.hole[y0:y1, x0:x1]
         scale = _fits(desc, y1 - y0, x1 - x0, manager)

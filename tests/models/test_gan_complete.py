@@ -65,3 +65,20 @@ def test_gan_prior_beats_telea_by_2db_on_dcgan_faces(manager):
     ours, ref = _hole_psnr(out, faces, hole).mean().item(), _hole_psnr(telea, faces, hole).mean().item()
     print(f"hole PSNR: GAN prior {ours:.2f} dB, Telea {ref:.2f} dB (goal: +{GAIN_DB} dB)")
     assert ours >= ref + GAIN_DB
+
+
+def test_complete_works_with_stylegan_in_w(manager, shared_dir):
+    """Every generator the pack loads: a StyleGAN2 (golden random weights, 32 px) in w space, non-square input."""
+    src = shared_dir / "golden" / "stylegan" / "sg2_skip_32.safetensors"
+    if not src.is_file():
+        pytest.skip("shared/golden/stylegan/sg2_skip_32.safetensors missing")
+    shutil.copy(src, pathlib.Path(manager.models_root) / "gans" / "sg2.safetensors")
+    desc = manager.load("sg2.safetensors", "gans", family="gan")
+    img = torch.rand(1, 3, 32, 40)
+    m = torch.zeros(1, 32, 40)
+    m[:, 10:20, 12:24] = 1
+    with torch.inference_mode():
+        out, res = P.complete(manager, desc, img, m, blend=2, space="w", steps=3, starts=4, restarts=1)
+    keep = m[0] == 0
+    assert torch.equal(out[:, :, keep], img[:, :, keep]) and out.shape == img.shape
+    assert (out[:, :, ~keep] - img[:, :, ~keep]).abs().mean() > 1e-3

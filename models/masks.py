@@ -55,11 +55,27 @@ def _disk_rows(r: int) -> list[tuple[int, int]]:
     return [(dy, math.isqrt(r * r - dy * dy)) for dy in range(-r, r + 1)]
 
 
-def _hmax(m: torch.Tensor, half: int) -> torch.Tensor:  # [B,H,W] -> [B,H,W], max over x-half..x+half
-    if half == 0:
-        return m
-    x = F.pad(m.unsqueeze(1), (half, half), value=-math.inf)
-    return F.max_pool2d(x, (1, 2 * half + 1), stride=1)[:, 0]
+class _RowMax:
+    """Horizontal running maxima of any half width <= r from a sparse table (van Herk-style O(log r) levels, two
+    lookups per width): max over x-half..x+half, pixels beyond the border ignored."""
+
+    def __init__(self, m: torch.Tensor, r: int) -> None:  # m [B,H,W]
+        self.r, self.W = r, m.shape[-1]
+        level = F.pad(m, (r, r), value=-math.inf)  # [B,H,W+2r]
+        self.levels = {1: level}
+        k = 1
+        while 2 * k <= 2 * r + 1:
+            level = torch.maximum(level[..., :-k], level[..., k:])  # max over [j, j + 2k)
+            k *= 2
+            self.levels[k] = level
+
+    def __call__(self, half: int) -> torch.Tensor:  # [B,H,W]
+        w = 2 * half + 1
+        k = 1 << (w.bit_length() - 1)
+        t = self.levels[k]
+        a = self.r - half  # window start of pixel 0, in padded coordinates
+        b = a + w - k  # start of the second (overlapping) block
+        return torch.maximum(t[..., a : a + self.W], t[..., b : b + self.W])
 
 
 def grow(mask: torch.Tensor, pixels: float) -> torch.Tensor:  # [B,H,W] -> [B,H,W]
@@ -71,11 +87,12 @@ def grow(mask: torch.Tensor, pixels: float) -> torch.Tensor:  # [B,H,W] -> [B,H,
     if r == 0:
         return m.clone()
     H = m.shape[1]
+    table = _RowMax(m, r)
     rows: dict[int, torch.Tensor] = {}
     out = torch.full_like(m, -math.inf)
     for dy, half in _disk_rows(r):
         if half not in rows:
-            rows[half] = _hmax(m, half)
+            rows[half] = table(half)
         h = rows[half]
         # out[y] = max(out[y], h[y + dy]) for rows inside the image
         if dy >= 0:

@@ -1,7 +1,8 @@
 """Benchmark: inpainting at full resolution. Two parts.
 
     python bench/inpaint.py [--part crop,gan] [--sizes 512,2048,4096] [--variants crop,whole,squash256]
-                            [--max-cell-s 900] [--mem-fraction 0.7] [--faces 64] [--steps 100]
+                            [--max-cell-s 900] [--mem-fraction 0.7] [--faces 64] [--steps 100] [--starts 64]
+                            [--restarts 2]
 
 Part "crop" (LaMa, the full-size spandrel architecture with random weights, written once to a temp dir; what is
 measured, memory and time, does not depend on the weights). Image: a smooth random S x S image; mask: four holes of
@@ -210,7 +211,8 @@ def part_gan(a) -> dict[str, Any]:
     hole = mask[0] > 0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out, _ = P.complete(mgr, desc, faces, mask, blend=0, steps=a.steps, starts=64, restarts=2, seed=3)
+        out, _ = P.complete(mgr, desc, faces, mask, blend=0, steps=a.steps, starts=a.starts, restarts=a.restarts,
+                            seed=3)
     wall = time.perf_counter() - t0
     telea = prefill(faces, mask, "telea", radius=5)
 
@@ -219,7 +221,8 @@ def part_gan(a) -> dict[str, Any]:
         return (-10 * torch.log10(d.square().flatten(1).mean(1).clamp_min(1e-10))).tolist()
 
     ours, ref = psnr(out), psnr(telea)
-    res = {"faces": a.faces, "hole": "24x24 centre", "steps": a.steps, "wall_s": round(wall, 1),
+    res = {"faces": a.faces, "hole": "24x24 centre", "steps": a.steps, "starts": a.starts, "restarts": a.restarts,
+           "wall_s": round(wall, 1),
            "psnr_hole_gan_prior_db": round(statistics.mean(ours), 2), "psnr_hole_telea_db": round(statistics.mean(ref), 2),
            "gain_db": round(statistics.mean(ours) - statistics.mean(ref), 2),
            "faces_where_gan_prior_wins": sum(o > r for o, r in zip(ours, ref))}
@@ -237,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-fraction", type=float, default=0.7)
     p.add_argument("--faces", type=int, default=64)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--starts", type=int, default=64, help="GAN prior: random starts tried per face")
+    p.add_argument("--restarts", type=int, default=2, help="GAN prior: best starts optimised per face")
     p.add_argument("--models-dir", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=2, metavar=("VARIANT", "SIZE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -139,7 +139,7 @@ def part_crop(a) -> dict[str, Any]:
         first = None
         for size in sizes:
             reason = None
-            if first is not None and "wall_s" in first and variant != "crop":
+            if first is not None and "wall_s" in first and variant == "whole":  # the only one that grows with S^2
                 secs = first["wall_s"] * (size / sizes[0]) ** 2
                 if secs > a.max_cell_s:
                     reason = f"predicted {secs:.0f} s > --max-cell-s {a.max_cell_s:.0f} ({os.cpu_count()} CPUs)"
@@ -168,7 +168,7 @@ def summarise(cells: dict, sizes: list[int]) -> dict[str, Any]:
             elif "peak_mb_at_least" in ref:
                 out[key] = {"peak_at_most": round(ours["peak_mb"] / ref["peak_mb_at_least"], 3),
                             "note": f"{other} ran out of memory (needed > {ref['peak_mb_at_least']} MB)"}
-            else:
+            elif other == "whole":
                 first = cells.get(str(sizes[0]), {}).get(other, {})
                 if "wall_s" in first:
                     k = (size / sizes[0]) ** 2

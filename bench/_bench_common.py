@@ -3,6 +3,7 @@
 core ComfyUI imports nothing of ours before it measures (cli/runner.py's PeakMemory does the same for the CLI)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import resource
@@ -26,10 +27,9 @@ def comfy_python(comfy: pathlib.Path) -> str:
 
 
 def pkg_root() -> pathlib.Path:
-    """A folder holding `atelier` -> this repository, so the pack imports as a package under any interpreter."""
-    import hashlib
-
-    tag = hashlib.sha1(str(REPO).encode()).hexdigest()[:8]  # one per checkout: worktrees must not share the link
+    """A folder holding `atelier` -> this repository, so the pack imports as a package under any interpreter (one
+    folder per checkout: two checkouts on one machine never import each other's code)."""
+    tag = hashlib.sha1(str(REPO.resolve()).encode()).hexdigest()[:12]
     root = pathlib.Path(tempfile.gettempdir()) / f"atelier_bench_pkg_{os.getuid()}_{tag}"
     root.mkdir(exist_ok=True)
     link = root / "atelier"

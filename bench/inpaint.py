@@ -86,7 +86,7 @@ def worker(variant: str, size: int, models: str, mem_fraction: float) -> dict[st
 
     mgr = ModelManager(models, device=torch.device("cpu"))
     desc = mgr.load("lama_random.safetensors", "inpaint", family="inpaint")
-    sp = desc.extra  # spandrel's MaskedImageModelDescriptor, same module
+    sp = getattr(desc.extra, "spandrel", desc.extra)  # spandrel's MaskedImageModelDescriptor, same module
     img, mask = inputs(size)
 
     def squash() -> torch.Tensor:

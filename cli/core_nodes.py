@@ -2,7 +2,8 @@
 
 They behave as ComfyUI's do (same inputs, outputs, file names and PNG metadata) with one difference: images are
 paths. LoadImage's ``image`` is a file path, absolute or relative to the input folder (default: the workflow's
-folder); SaveImage writes into the run's staging folder, moved into ``--output`` when the whole run succeeded.
+folder), a plain name not found there being looked up among the pack's example inputs (workflows/input/);
+SaveImage writes into the run's staging folder, moved into ``--output`` when the whole run succeeded.
 The runner gives each instance its folders through the ``io`` attribute before calling it.
 """
 from __future__ import annotations
@@ -32,11 +33,16 @@ class IOFolders:
 
 
 _ANNOTATIONS = (" [input]", " [output]", " [temp]")
+# The pack's example input images: what its example workflows load by plain name. Inside ComfyUI the pack copies them
+# into the input folder at start-up (models/host.provide_example_inputs); here a name not in the input folder is
+# looked up there, so the same workflow file runs unchanged in both.
+EXAMPLE_INPUTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "input")
 
 
 def resolve_image_path(image: str, io: IOFolders) -> str:
     """A LoadImage value -> an existing file: absolute, or relative to the input folder (ComfyUI's ``name [output]``
-    annotations pick the output or preview folder)."""
+    annotations pick the output or preview folder); a plain name missing there may be one of the pack's example
+    inputs (EXAMPLE_INPUTS)."""
     if not isinstance(image, str) or not image.strip():
         raise InputError(f"image: expected a path to an image file, got {image!r}")
     base = io.input_dir
@@ -46,6 +52,9 @@ def resolve_image_path(image: str, io: IOFolders) -> str:
     path = os.path.expanduser(image)
     if not os.path.isabs(path):
         path = os.path.join(base, path)
+        example = os.path.join(EXAMPLE_INPUTS, image)
+        if not os.path.isfile(path) and os.path.basename(image) == image and os.path.isfile(example):
+            path = example  # an example input the pack ships (and copies into ComfyUI's input folder)
     if not os.path.isfile(path):
         raise InputError(f"image: no file {image!r} (looked for {os.path.abspath(path)}); give a path absolute or "
                          f"relative to the input folder {os.path.abspath(base)} (--input)")

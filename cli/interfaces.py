@@ -253,3 +253,26 @@ def is_media_upload(typ: Any, opts: dict[str, Any]) -> bool:
 
 def output_types(iface: dict[str, Any]) -> list[Any]:
     return list(iface.get("output") or [])
+
+
+def frontend_widgets(iface: dict[str, Any]) -> list[tuple[str, str, Any, dict[str, Any]]]:
+    """Every value the canvas (ComfyUI frontend 1.2x) saves in a node's ``widgets_values``, in order, strictly:
+    (input name, kind, type, options) with kind ``"value"`` for the input's own widget, ``"control"`` for the
+    "control after generate" combo the frontend adds after seed-like widgets (``control_after_generate`` in the
+    options, else INT inputs named seed/noise_seed), ``"filter"`` for the filter text a combo with a control also
+    gets, and ``"upload"`` for the upload button after the required widgets of an image/video picker (value "image").
+    widget_layout (cli.workflow) reads files leniently; this is what a file saved by the canvas holds."""
+    out: list[tuple[str, str, Any, dict[str, Any]]] = []
+    for cat in ("required", "optional"):
+        for name in input_names(iface, (cat,)):
+            typ, opts, _cat = input_spec(iface, name)  # type: ignore[misc]
+            if not is_widget(typ, opts):
+                continue
+            out.append((name, "value", typ, opts))
+            if has_control_widget(name, typ, opts):
+                out.append((name, "control", typ, opts))
+                if combo_options(typ, opts) is not None:
+                    out.append((name, "filter", typ, opts))
+        if cat == "required" and any(is_media_upload(t, o) for _n, k, t, o in out if k == "value"):
+            out.append(("", "upload", None, {}))
+    return out

@@ -11,16 +11,18 @@ Errors print one line (``atelier: error: ...``) and exit 1; ``--debug`` shows tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
 import logging
 import os
 import pathlib
+import signal
 import sys
 import threading
 import traceback
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..models.errors import AtelierError
 from .errors import WorkflowError
@@ -193,7 +195,9 @@ def _run_local(args: argparse.Namespace, ifaces: Any, jobs: list[tuple[str, dict
     from .runner import NodeError, Runner
 
     if args.progress:
-        os.environ["ATELIER_PROGRESS"] = "1"  # inner bars (tiles, steps) too
+        from ..models.progress import show_bars
+
+        show_bars(True)  # inner bars (tiles, steps) too, even without a terminal
     bar: list[Any] = [None]
 
     def on_event(kind: str, **info: Any) -> None:
@@ -360,26 +364,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[dict[str, int]]:
+    """SIGINT and SIGTERM stop the run the same way: the engine's interruption flag is set (loops check it between
+    units of work) and KeyboardInterrupt is raised, so staged files are removed on the way out. Handlers are restored
+    after (main() is also called in-process, by tests)."""
+    from ..models import host
+
+    got: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        got["signal"] = signum
+        host.request_interrupt()
+        raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        host.clear_interrupt()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``atelier`` command; returns the exit status (0 ok, 1 error, 130 interrupted)."""
+    """Entry point of the ``atelier`` command; returns the exit status (0 ok, 1 error, 130/143 interrupted)."""
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
-    except BrokenPipeError:  # output piped into `head` and the like
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except AtelierError as e:
-        if args.debug:
-            traceback.print_exc()
-        cause = getattr(e, "cause", None)
-        hint = "" if args.debug or cause is None or isinstance(cause, AtelierError) else " (--debug shows the traceback)"
-        _err(f"{e}{hint}")
-        return 1
+    with _stop_on_signals() as got:
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            _err("interrupted" + (" (SIGTERM)" if got.get("signal") == signal.SIGTERM else ""))
+            return 143 if got.get("signal") == signal.SIGTERM else 130
+        except BrokenPipeError:  # output piped into `head` and the like
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except AtelierError as e:
+            if args.debug:
+                traceback.print_exc()
+            cause = getattr(e, "cause", None)
+            hint = "" if args.debug or cause is None or isinstance(cause, AtelierError) else " (--debug shows the traceback)"
+            _err(f"{e}{hint}")
+            return 1
+        except OSError as e:  # a file or folder named on the command line (or found through it)
+            if args.debug:
+                traceback.print_exc()
+            where = f"{e.filename}: " if e.filename else ""
+            _err(f"{where}{e.strerror or e}")
+            return 1
+        except Exception as e:  # noqa: BLE001  a bug: one line, the traceback on demand
+            if args.debug:
+                raise
+            _err(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                 "(a bug; --debug shows the traceback)")
+            return 1
 
 
 if __name__ == "__main__":

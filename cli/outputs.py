@@ -8,11 +8,13 @@ Names follow ComfyUI's SaveImage: ``<prefix>_<counter:05>_.png`` with the counte
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from typing import Any, Iterable
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _COUNTER = re.compile(r"^(?P<base>.*)_(?P<n>\d{5,})_(?P<ext>\.[^.]*)$")
 STAGING_PREFIX = ".atelier-staging-"
+STALE_AFTER_S = 24 * 3600  # a staging folder of another machine (shared output folder) untouched this long is stale
 
 
 def expand_prefix(prefix: str, width: int = 0, height: int = 0, now: time.struct_time | None = None) -> str:
@@ -113,8 +116,63 @@ def place(src: str, directory: str, name: str) -> str:
     raise InputError(f"could not find a free file name for {name!r} in {directory}")
 
 
+def output_error(output_dir: str, e: OSError) -> InputError:
+    """One line naming the output folder and why it cannot be written (a file, read-only, a read-only mount ...)."""
+    why = {errno.EEXIST: "it is a file, not a folder", errno.ENOTDIR: "a part of the path is a file, not a folder",
+           errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+           errno.EROFS: "it is on a read-only file system", errno.ENOSPC: "the disk is full"}
+    where = f" ({e.filename})" if e.filename and os.path.abspath(str(e.filename)) != output_dir else ""
+    return InputError(f"output folder {output_dir!r}: cannot write there: "
+                      f"{why.get(e.errno or 0, e.strerror or str(e))}{where}")
+
+
+def _staging_name() -> str:
+    """`.atelier-staging-<host>-<pid>-`: whose it is, so a later run can tell a dead run's leftovers from a live one."""
+    host = re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:32] or "host"
+    return f"{STAGING_PREFIX}{host}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_staging(output_dir: str) -> list[str]:
+    """Remove staging folders left by runs that were killed (SIGKILL, power loss): those of this machine whose
+    process is gone, and any untouched for STALE_AFTER_S (another machine's, or an older naming). Returns them."""
+    mine = _staging_name().rsplit("-", 2)[0] + "-"  # .atelier-staging-<host>-
+    removed = []
+    try:
+        names = [n for n in os.listdir(output_dir) if n.startswith(STAGING_PREFIX)]
+    except OSError:
+        return removed
+    for n in names:
+        path = os.path.join(output_dir, n)
+        parts = n[len(mine):].split("-") if n.startswith(mine) else []
+        if parts and parts[0].isdigit():
+            stale = not _pid_alive(int(parts[0]))
+        else:
+            try:
+                stale = time.time() - os.stat(path).st_mtime > STALE_AFTER_S
+            except OSError:
+                continue
+        if stale and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            log.warning("removed %s, left by an interrupted run (partial output, never committed)", path)
+    return removed
+
+
 class Staging:
-    """A hidden folder inside the output folder where a run writes; moved into place by `commit`, else removed."""
+    """A hidden folder inside the output folder where a run writes; moved into place by `commit`, else removed.
+
+    A run killed outright (SIGKILL) cannot remove its folder: the next run in that folder does (see
+    `remove_stale_staging`). Folders that cannot be written give one InputError naming them."""
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir = os.path.abspath(output_dir)
@@ -122,17 +180,26 @@ class Staging:
         self.moved: dict[str, str] = {}  # staged path relative to the staging folder -> final path
 
     def __enter__(self) -> "Staging":
-        os.makedirs(self.output_dir, exist_ok=True)
-        self.dir = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.output_dir)
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+            if not os.path.isdir(self.output_dir):
+                raise FileExistsError(errno.EEXIST, "File exists", self.output_dir)
+            remove_stale_staging(self.output_dir)
+            self.dir = tempfile.mkdtemp(prefix=_staging_name(), dir=self.output_dir)
+        except OSError as e:
+            raise output_error(self.output_dir, e) from None
         return self
 
     def commit(self) -> list[str]:
         """Move every staged file into the output folder (same sub-folders), in name order; returns their paths."""
-        for base, _dirs, files in sorted(os.walk(self.dir)):
-            rel = os.path.relpath(base, self.dir)
-            for f in sorted(files):
-                dst = place(os.path.join(base, f), os.path.normpath(os.path.join(self.output_dir, rel)), f)
-                self.moved[os.path.normpath(os.path.join(rel, f))] = dst
+        try:
+            for base, _dirs, files in sorted(os.walk(self.dir)):
+                rel = os.path.relpath(base, self.dir)
+                for f in sorted(files):
+                    dst = place(os.path.join(base, f), os.path.normpath(os.path.join(self.output_dir, rel)), f)
+                    self.moved[os.path.normpath(os.path.join(rel, f))] = dst
+        except OSError as e:
+            raise output_error(self.output_dir, e) from None
         return list(self.moved.values())
 
     def __exit__(self, *exc: object) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any, Iterable, Mapping
 
+from ..nodes.common import NO_MODELS
 from . import interfaces as _if
 from .errors import WorkflowError, id_key as _key, sort_ids, unknown_type_message
 
@@ -21,7 +22,6 @@ FILE_EXTENSIONS = frozenset({
     ".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin", ".pkl", ".tar", ".onnx", ".gguf",
     ".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff",
 })
-NO_MODELS = "(no models found)"
 
 
 def is_link(value: Any) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import pathlib
 from typing import Any, Mapping
@@ -23,6 +24,8 @@ from typing import Any, Mapping
 from . import interfaces as _if
 from .errors import WorkflowError, id_key as _id_key, sort_ids, unknown_type_message
 from .interfaces import Interfaces, interfaces  # noqa: F401 - re-exported for the CLI and host tests
+
+log = logging.getLogger(__name__)
 
 MODE_MUTED = 2
 MODE_BYPASS = 4
@@ -35,15 +38,6 @@ VIRTUAL_TYPES = frozenset({"Reroute", "PrimitiveNode", "Note", "MarkdownNote"})
 def is_ui(data: Any) -> bool:
     """A canvas (UI-format) workflow: a dict with a ``nodes`` list."""
     return isinstance(data, dict) and isinstance(data.get("nodes"), list)
-
-
-def is_api(data: Any) -> bool:
-    """An API-format prompt: a dict whose values are dicts with ``class_type``."""
-    return (
-        isinstance(data, dict)
-        and bool(data)
-        and all(isinstance(v, dict) and "class_type" in v for v in data.values())
-    )
 
 
 def _read_png_text(path: pathlib.Path) -> dict[str, str]:
@@ -74,19 +68,36 @@ def read_workflow_file(path: str | os.PathLike[str]) -> Any:
         raise WorkflowError(f"{p.name}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
+# Inputs renamed since a release (class, old name) -> new name: API files that use the old name still run here.
+RENAMED_INPUTS = {("AtelierUpscaleImage", "tile"): "tile_size"}
+
+
+def migrate(api: dict) -> dict:
+    """Rename inputs that an older release of the pack called otherwise (in place), logging each."""
+    for nid, node in api.items():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if not isinstance(inputs, dict):
+            continue
+        for (cls, old), new in RENAMED_INPUTS.items():
+            if node.get("class_type") == cls and old in inputs and new not in inputs:
+                inputs[new] = inputs.pop(old)
+                log.info("node %s (%s): input %r is now called %r", nid, cls, old, new)
+    return api
+
+
 def split_workflow(data: Any, ifaces: Mapping[str, Any] | None = None, name: str = "workflow") -> tuple[dict, dict | None]:
     """(API prompt, UI workflow or None) from any accepted shape: UI, API, a /prompt body, or PNG metadata."""
     if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict) and "nodes" not in data:
         ui = data.get("workflow")
         if ui is None:
             ui = ((data.get("extra_data") or {}).get("extra_pnginfo") or {}).get("workflow")
-        return copy.deepcopy(data["prompt"]), ui if is_ui(ui) else None
+        return migrate(copy.deepcopy(data["prompt"])), ui if is_ui(ui) else None
     if isinstance(data, dict) and "workflow" in data and is_ui(data["workflow"]) and "nodes" not in data:
         data = data["workflow"]
     if is_ui(data):
         return to_api(data, ifaces if ifaces is not None else interfaces()), data
     if isinstance(data, dict) and any(isinstance(v, dict) and "class_type" in v for v in data.values()):
-        return copy.deepcopy(data), None  # API format; malformed nodes are reported by validate()
+        return migrate(copy.deepcopy(data)), None  # API format; malformed nodes are reported by validate()
     raise WorkflowError(
         f"{name}: not a ComfyUI workflow; expected the canvas format (an object with a 'nodes' list) or the API "
         f"format (an object of node ids to {{'class_type', 'inputs'}}), got {type(data).__name__}"

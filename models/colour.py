@@ -206,7 +206,8 @@ def _histogram(img: torch.Tensor, ref: torch.Tensor, wi: torch.Tensor, wr: torch
     out = torch.empty_like(img, dtype=torch.float64)
     w_src, w_tmpl = wi.flatten(), wr.flatten()
     for c in range(3):
-        out[0, c] = match_channel(img[0, c].contiguous().view(-1), w_src, ref[0, c].contiguous().view(-1), w_tmpl).view(img.shape[-2:])
+        src, tmpl = img[0, c].contiguous().view(-1), ref[0, c].contiguous().view(-1)
+        out[0, c] = match_channel(src, w_src, tmpl, w_tmpl).view(img.shape[-2:])
     return out
 
 

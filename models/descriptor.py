@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-FAMILIES = ("gan", "vae", "diffusion", "upscale", "inpaint")
+FAMILIES = ("gan", "vae", "diffusion", "upscale", "inpaint", "style")
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,10 @@ class ModelDescriptor:
     size_requirements: SizeRequirements = field(default_factory=SizeRequirements)
     tiling: str = "supported"  # "supported" | "discouraged" | "internal" | "none"
     receptive_field: int | None = None  # input pixels of context a tile needs on each side for exact results
-    tile_hint: int | None = None  # preferred tile side in input pixels, if the architecture has one
     bytes_per_pixel: float | None = None  # activation memory per input pixel at fp32 for a batch of 1
     config: dict[str, Any] = field(default_factory=dict)  # architecture hyper-parameters (JSON-serialisable)
     source: str = ""  # the file it came from
-    extra: Any = None  # anything the family needs to keep (e.g. the spandrel ImageModelDescriptor)
+    extra: Any = None  # the family's typed facts (VAEFacts, SpandrelFacts, DiffusionFacts, ...), see each family
 
     @property
     def parameters(self) -> int:
@@ -93,13 +92,27 @@ class ModelDescriptor:
             "size_requirements": dataclasses.asdict(self.size_requirements),
             "tiling": self.tiling,
             "receptive_field": self.receptive_field,
-            "tile_hint": self.tile_hint,
             "parameters": self.parameters,
             "weight_bytes": self.weight_bytes,
             "memory_estimate_512px_fp32": self.memory_estimate(),
             "config": self.config,
+            "facts": _facts_json(self.extra),
             "source": self.source,
         }
+
+
+def _facts_json(facts: Any) -> dict[str, Any] | None:
+    """The JSON-able fields of a family's facts dataclass (objects such as a spandrel descriptor left out)."""
+    if not dataclasses.is_dataclass(facts) or isinstance(facts, type):
+        return None
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(facts):
+        v = getattr(facts, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = dataclasses.asdict(v)
+        if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict)):
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 # A detector: (state_dict, path) -> ModelDescriptor, or None when the file is not of its kind.

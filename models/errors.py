@@ -36,3 +36,8 @@ class TilingError(AtelierError):
 
 class MemoryBudgetError(InputError):
     """A request would need more memory than the device has: refused before anything was allocated."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The user asked to stop (outside ComfyUI: Ctrl-C, SIGTERM, `host.request_interrupt`). A KeyboardInterrupt, so
+    that no `except Exception` in a loop swallows it; ComfyUI raises its own InterruptProcessingException instead."""

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import threading
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 log = logging.getLogger(__name__)
 
 # The pack's own model folders (ComfyUI has the others already).
-PACK_FOLDERS = ("gans", "inpaint")
-MODEL_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin", ".pkl", ".tar"}
+PACK_FOLDERS = ("gans", "inpaint", "style")
 
 
 def _mm() -> ModuleType | None:
@@ -37,7 +38,7 @@ def _folder_paths() -> ModuleType | None:
 # ---------------------------------------------------------------- folders
 
 
-def register_folders() -> None:
+def register_folders(extensions: tuple[str, ...]) -> None:
     """Register the pack's model folders with folder_paths (merging into any that extra_model_paths.yaml made)."""
     fp = _folder_paths()
     if fp is None:
@@ -49,9 +50,38 @@ def register_folders() -> None:
             if default not in paths:
                 paths.append(default)
             if isinstance(exts, set) and exts:
-                exts.update(MODEL_EXTENSIONS)
+                exts.update(extensions)
         else:
-            fp.folder_names_and_paths[name] = ([default], set(MODEL_EXTENSIONS))
+            fp.folder_names_and_paths[name] = ([default], set(extensions))
+
+
+def provide_example_inputs(src_dir: str) -> list[str]:
+    """Copy the pack's example input images (`src_dir`, e.g. workflows/input/) into ComfyUI's input folder so that the
+    example workflows' Load Image nodes find them, as every file a user uploads is found. Only names not there yet
+    are written (a user's file is never overwritten, nothing is deleted), each through a temporary name, and what
+    was copied is logged. Outside ComfyUI, or with ATELIER_NO_EXAMPLE_INPUTS=1, nothing. Returns the names copied."""
+    fp = _folder_paths()
+    if fp is None or os.environ.get("ATELIER_NO_EXAMPLE_INPUTS", "") not in ("", "0") or not os.path.isdir(src_dir):
+        return []
+    dst_dir = fp.get_input_directory()
+    copied = []
+    for name in sorted(os.listdir(src_dir)):
+        src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
+        if not os.path.isfile(src) or os.path.lexists(dst):
+            continue
+        try:
+            os.makedirs(dst_dir, exist_ok=True)
+            tmp = f"{dst}.{os.getpid()}.tmp"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+            copied.append(name)
+        except OSError as e:
+            log.warning("Atelier: could not copy the example input %s into %s (%s); the example workflows that "
+                        "load it will ask for an image", name, dst_dir, e)
+    if copied:
+        log.info("Atelier: added the example input image(s) %s to %s for the pack's example workflows "
+                 "(existing files are never replaced; set ATELIER_NO_EXAMPLE_INPUTS=1 to skip)", ", ".join(copied), dst_dir)
+    return copied
 
 
 def folder_files(folder: str) -> list[str] | None:
@@ -68,14 +98,6 @@ def folder_dirs(folder: str) -> list[str] | None:
     if fp is None or folder not in fp.folder_names_and_paths:
         return None
     return list(fp.get_folder_paths(folder))
-
-
-def io_directory(kind: str) -> str | None:
-    """ComfyUI's input/output/temp directory, or None outside ComfyUI."""
-    fp = _folder_paths()
-    if fp is None:
-        return None
-    return {"input": fp.get_input_directory, "output": fp.get_output_directory, "temp": fp.get_temp_directory}[kind]()
 
 
 # ---------------------------------------------------------------- devices and memory
@@ -134,13 +156,31 @@ def empty_cache() -> None:
 # ---------------------------------------------------------------- ComfyUI's memory manager
 
 
-def make_patcher(module: torch.nn.Module, load_device: torch.device, offload: torch.device) -> Any:
-    """Wrap a module so ComfyUI's manager sees it, or None outside ComfyUI."""
+def make_patcher(
+    module: torch.nn.Module,
+    load_device: torch.device,
+    offload: torch.device,
+    on_detach: Callable[[], None] | None = None,
+) -> Any:
+    """Wrap a module so ComfyUI's manager sees it, or None outside ComfyUI.
+
+    `on_detach` is called whenever ComfyUI unloads the patcher (its memory manager making room, `unload_all_models`
+    from the "Unload models" button / `POST /free`): ComfyUI's own per-patcher ON_DETACH callback, so nothing of
+    ComfyUI is patched. The callback must not hold the module (it lives as long as the patcher).
+    """
     if not available():
         return None
     import comfy.model_patcher  # noqa: PLC0415 (inside ComfyUI only)
 
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload)
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload)
+    if on_detach is not None:
+        try:
+            from comfy.patcher_extension import CallbacksMP  # noqa: PLC0415
+
+            patcher.add_callback(CallbacksMP.ON_DETACH, lambda _patcher, _unpatch_all: on_detach())
+        except (ImportError, AttributeError):  # a ComfyUI older than the patcher callbacks: the cache keeps it
+            log.debug("this ComfyUI has no ModelPatcher ON_DETACH callback; unloads are not followed")
+    return patcher
 
 
 def load_patchers(patchers: list[Any], memory_required: int) -> None:
@@ -161,11 +201,6 @@ def unload_patcher(patcher: Any) -> None:
         patcher.detach()
 
 
-def is_loaded(patcher: Any) -> bool:
-    mm = _mm()
-    return any(loaded.model is patcher for loaded in mm.current_loaded_models)
-
-
 # ---------------------------------------------------------------- progress and interruption
 
 
@@ -178,7 +213,31 @@ def progress_bar(total: int) -> Any:
     return comfy.utils.ProgressBar(total)
 
 
+# Outside ComfyUI: the one interruption flag (ComfyUI keeps its own). The CLI sets it on SIGINT/SIGTERM; tests set it to
+# check that a loop stops at its next unit of work.
+_INTERRUPT = threading.Event()
+
+
+def request_interrupt() -> None:
+    """Ask every running loop to stop at its next check (what ComfyUI's Cancel does inside ComfyUI)."""
+    mm = _mm()
+    if mm is not None:
+        mm.interrupt_current_processing(True)
+    else:
+        _INTERRUPT.set()
+
+
+def clear_interrupt() -> None:
+    _INTERRUPT.clear()
+
+
 def throw_if_interrupted() -> None:
+    """Raise ComfyUI's InterruptProcessingException (inside ComfyUI) or `Interrupted` (outside) when asked to stop."""
     mm = _mm()
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
+    elif _INTERRUPT.is_set():
+        _INTERRUPT.clear()
+        from .errors import Interrupted  # noqa: PLC0415
+
+        raise Interrupted("interrupted")

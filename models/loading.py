@@ -4,7 +4,7 @@
 - `.pt/.pth/.ckpt/.bin/.tar`: `torch.load(weights_only=True)`, torch's own allow-listing unpickler.
 - TorchScript archives (`torch.jit.save`, e.g. LaMa's `big-lama.pt`): their weights only, through our allow-listing
   reader (`models/torchscript_weights.py`); the archive's code is never compiled or run (no `torch.jit.load`).
-- `.pkl` (NVIDIA StyleGAN snapshots): our allow-listing unpickler (`models/gan/nvlabs_pkl.py`), which records the
+- `.pkl` (NVIDIA StyleGAN snapshots): our allow-listing unpickler (`models/nvlabs_pkl.py`), which records the
   constructor kwargs and tensors without importing or calling anything outside its list.
 
 `read_state_dict(path)` returns `(state_dict, meta)`: a flat `{name: tensor}` dict, canonicalised (`params_ema`
@@ -52,23 +52,75 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not os.path.isfile(path):
         raise ModelLoadError(f"model file {name!r}: not found at {path}")
     ext = os.path.splitext(path)[1].lower()
-    if ext in SAFETENSORS_EXT:
-        obj, meta = _read_safetensors(path)
-    elif ext in TORCH_EXT and _is_torchscript(path):
-        from .torchscript_weights import read_torchscript  # weights only: the archive's code is never run
-
-        obj, meta = read_torchscript(path)
-    elif ext in TORCH_EXT:
-        obj, meta = _read_torch(path), {}
-    elif ext in PICKLE_EXT:
-        from .gan.nvlabs_pkl import read_nvlabs_pkl  # the only pickle format we read ourselves
-
-        obj, meta = read_nvlabs_pkl(path)
-    else:
+    if ext not in MODEL_EXTENSIONS:
         raise ModelLoadError(f"model file {name!r}: unsupported extension {ext!r}; expected one of {MODEL_EXTENSIONS}")
+    try:
+        if ext in SAFETENSORS_EXT:
+            obj, meta = _read_safetensors(path)
+        elif ext in TORCH_EXT and _is_torchscript(path):
+            from .torchscript_weights import read_torchscript  # weights only: the archive's code is never run
+
+            obj, meta = read_torchscript(path)
+        elif ext in TORCH_EXT:
+            obj, meta = _read_torch(path), {}
+        else:
+            from .nvlabs_pkl import read_nvlabs_pkl  # the only pickle format we read ourselves
+
+            obj, meta = read_nvlabs_pkl(path)
+    except UnsafeFileError:
+        raise
+    except Exception as e:  # noqa: BLE001  a damaged file can fail anywhere in an unpickler: name the file
+        text = _text_head(path)
+        if text is not None:
+            raise ModelLoadError(f"model file {name!r} is a text file, not a model (it starts with {text!r}); "
+                                 "a download page or a note saved under a model's name?") from None
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"model file {name!r}: corrupted or not a model file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
     sd, extra = canonicalise(obj, name)
-    meta = {**extra, **meta}
+    meta = {**extra, **diffusers_folder_meta(path), **meta}
     return sd, meta
+
+
+def diffusers_folder_meta(path: str) -> dict[str, Any]:
+    """For a diffusers weights file (`diffusion_pytorch_model.safetensors`/`.bin`): `config.json` beside it as
+    meta["config"], and `../scheduler/scheduler_config.json` (or `scheduler_config.json` beside it) as
+    meta["scheduler_config"]. Other files: nothing. JSON only; a file that is not a JSON object is an error."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if not name.startswith("diffusion_pytorch_model"):
+        return {}
+    out: dict[str, Any] = {}
+    cands = {"config": [os.path.join(folder, "config.json")],
+             "scheduler_config": [os.path.join(os.path.dirname(folder), "scheduler", "scheduler_config.json"),
+                                  os.path.join(folder, "scheduler_config.json")]}
+    for key, paths in cands.items():
+        found = next((p for p in paths if os.path.isfile(p)), None)
+        if found is None:
+            continue
+        try:
+            with open(found, encoding="utf-8") as f:
+                value = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"model file {name!r}: {os.path.basename(found)} beside it is not readable JSON ({e})") from e
+        if not isinstance(value, dict):
+            raise ModelLoadError(f"model file {name!r}: {os.path.basename(found)} is not a JSON object")
+        out[key] = value
+        out[f"{key}_source"] = found
+    return out
+
+
+def _text_head(path: str, n: int = 512) -> str | None:
+    """The first line of `path` when its first `n` bytes are printable UTF-8 text (no model format is), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(n)
+    except OSError:
+        return None
+    txt = head.decode("utf-8", errors="ignore")
+    if not txt.strip() or len(txt.encode()) < len(head) - 3 or not all(c.isprintable() or c in "\r\n\t" for c in txt):
+        return None
+    return txt.strip().splitlines()[0][:60]
 
 
 def _read_safetensors(path: str) -> tuple[dict, dict]:
@@ -82,7 +134,7 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
         sd = load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"model file {name!r}: not a readable safetensors file ({e})") from e
-    for key in ("config", "init_kwargs"):  # configs we write into metadata are JSON
+    for key in ("config", "init_kwargs", "scheduler_config"):  # configs we write into metadata are JSON
         if key in meta:
             try:
                 meta[key] = json.loads(meta[key])

@@ -1,19 +1,30 @@
 """One progress helper for every long loop: ComfyUI's ProgressBar and interruption inside ComfyUI, tqdm outside."""
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
+from typing import Iterator
+
+import torch
 
 from . import host
 
 log = logging.getLogger(__name__)
+
+_SETTINGS = {"bars": None}  # None: tqdm decides (shown on a terminal); True: always; False: never
+
+
+def show_bars(show: bool | None) -> None:
+    """Outside ComfyUI: show the inner bars (tiles, steps) always (True), never (False), or on a terminal only
+    (None, the default). The CLI's --progress calls this once; nothing reads the environment."""
+    _SETTINGS["bars"] = show
 
 
 class Progress:
     """`with Progress(total, "tiles") as p: ... p.update()`: advances the bar and stops on a user interrupt.
 
     Inside ComfyUI, `update` reports websocket progress and raises ComfyUI's InterruptProcessingException when the
-    user pressed Cancel; outside it, a tqdm bar (hidden when stderr is not a terminal unless ATELIER_PROGRESS=1) and
+    user pressed Cancel; outside it, a tqdm bar (hidden when stderr is not a terminal unless `show_bars(True)`) and
     Ctrl-C as usual.
     """
 
@@ -22,11 +33,11 @@ class Progress:
         self.value = 0
         self._comfy = host.progress_bar(self.total) if enabled else None
         self._tqdm = None
-        if enabled and self._comfy is None and self.total > 1:
+        show = _SETTINGS["bars"]
+        if enabled and self._comfy is None and self.total > 1 and show is not False:
             from tqdm.auto import tqdm
 
-            force = os.environ.get("ATELIER_PROGRESS") == "1"  # the CLI's --progress: bars even without a terminal
-            self._tqdm = tqdm(total=self.total, desc=desc or None, leave=False, disable=False if force else None)
+            self._tqdm = tqdm(total=self.total, desc=desc or None, leave=False, disable=None if show is None else False)
 
     def __enter__(self) -> "Progress":
         host.throw_if_interrupted()
@@ -47,3 +58,28 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check(_module: torch.nn.Module, _args: object) -> None:
+    host.throw_if_interrupted()
+
+
+@contextlib.contextmanager
+def interruptible(model: torch.nn.Module, depth: int | None = None, *, enabled: bool = True
+                  ) -> Iterator[torch.nn.Module]:
+    """Cancel checked before each sub-module (down to `depth` levels; None: all) runs, for the duration of the block.
+
+    One forward pass of a large model on a slow device (a StyleGAN image or a whole-image VAE decode on a CPU) takes
+    many seconds; with this, Cancel stops it within one layer's time instead of one pass's. The check is a flag read
+    (ComfyUI: under its mutex), well under a microsecond; with the hook dispatch a few microseconds per layer call,
+    nothing next to the layer itself."""
+    if not enabled:
+        yield model
+        return
+    units = [m for name, m in model.named_modules() if name and (depth is None or name.count(".") < depth)]
+    handles = [m.register_forward_pre_hook(_check) for m in units]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()

@@ -29,16 +29,28 @@ DETECTORS: list[tuple[str, str]] = [
     ("TAESD", ".vae.taesd"),
     ("KL autoencoder", ".vae.kl"),
     ("MNIST FC VAE", ".vae.fc"),
-    ("spandrel", ".upscale.spandrel_arch"),
+    ("UNet2DModel (diffusers)", ".diffusion.unet2d"),
+    ("ADM (guided-diffusion)", ".diffusion.adm"),
+    ("MicroAST", ".style.microast"),
+    ("AdaIN", ".style.adain"),
+    ("TransformerNet", ".style.fast_style"),
+    ("spandrel", ".spandrel_arch"),
 ]
 
 
 def _module(rel: str) -> ModuleType | None:
+    """The detector module `rel`; None only when a third-party package it imports is not installed (logged).
+
+    A module of the pack itself that is missing (a mistyped entry) or fails to import raises: a detector must never
+    disappear silently.
+    """
     try:
         return importlib.import_module(rel, __package__)
     except ModuleNotFoundError as e:
-        # An architecture not written yet, or an optional dependency missing: skip it, say so in the debug log.
-        log.debug("detector %s unavailable: %s", rel, e)
+        root = __package__.split(".")[0]  # the pack's top-level package ("atelier", or its folder name in ComfyUI)
+        if not e.name or e.name == root or e.name.startswith(root + "."):
+            raise ImportError(f"detector {rel!r} in models/registry.py: cannot import the pack's module: {e}") from e
+        log.warning("detector %s skipped: the package %r it needs is not installed", rel, e.name)
         return None
 
 

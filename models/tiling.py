@@ -195,3 +195,35 @@ def conv_receptive_radius(seq: torch.nn.Module) -> float:
         elif isinstance(m, torch.nn.Upsample):
             step /= float(m.scale_factor)
     return radius
+
+
+def measure_receptive_field(
+    call: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,  # [1,C,H,W] a real image (W >= 2 * max_context)
+    scale: int,
+    *,
+    tol: float = 1 / 255,
+    step: int = 1,
+    max_context: int | None = None,
+    band: int = 16,
+) -> int | None:
+    """The smallest context c (multiple of `step`) at which cutting the image c pixels beyond a vertical seam no
+    longer changes the output within `band` input pixels of the seam by more than `tol` (from both sides, two
+    consecutive steps). None when no context up to `max_context` achieves it (a "global" model)."""
+    W = image.shape[-1]
+    m = (W // 2) // step * step
+    max_context = min(max_context or m, m - step, W - m - step)
+    with torch.inference_mode():
+        full = call(image)
+        ok_run = 0
+        c = 0
+        while c <= max_context:
+            left = call(image[..., : m + c])[..., : m * scale]
+            right = call(image[..., m - c :])[..., c * scale :]
+            err_l = (left - full[..., : m * scale])[..., (m - band) * scale :].abs().max().item()
+            err_r = (right - full[..., m * scale :])[..., : band * scale].abs().max().item()
+            ok_run = ok_run + 1 if max(err_l, err_r) <= tol else 0
+            if ok_run == 2:
+                return c - step
+            c += step
+    return None

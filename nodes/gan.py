@@ -6,30 +6,20 @@ and models/gan/project.py; these classes only declare inputs and convert.
 """
 from __future__ import annotations
 
-import torch
-
 from ..models.gan import project as _project
 from ..models.gan import sampling as _sampling
 from ..models.manager import get_manager
-from .common import bchw_to_image, image_to_bchw, model_choices
+from .common import bchw_to_image, image_to_bchw, model_input, seed_input, tile_input
 
 CATEGORY = "atelier/gan"
 GAN = "ATELIER_GAN"
 LATENT = "GAN_LATENT"
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
 CLASS_TIP = ("Class of a class-conditional model (0 .. classes-1); -1: a random class per image from the seed. "
              "Must stay -1 for unconditional models.")
 
 
 def _gan(tooltip: str = "A GAN from Load GAN.") -> tuple:
     return (GAN, {"tooltip": tooltip})
-
-
-def _image(images: torch.Tensor) -> torch.Tensor:
-    """[B,C,H,W] in 0..1 -> IMAGE with 3 channels (greyscale models repeated to RGB)."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return bchw_to_image(images)
 
 
 class AtelierLoadGAN:
@@ -43,7 +33,7 @@ class AtelierLoadGAN:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"gan_name": (model_choices("gans"), {"tooltip": "A model file in models/gans."})}}
+        return {"required": {"gan_name": model_input("gans", tooltip="A model file in models/gans.")}}
 
     def load(self, gan_name: str):
         return (get_manager().load(gan_name, "gans", family="gan"),)
@@ -62,8 +52,7 @@ class AtelierGANLatent:
     def INPUT_TYPES(cls):
         return {"required": {
             "gan": _gan("The generator the latents are for (they are refused by other models)."),
-            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
-                             "tooltip": "Seed of the first image; image i of the batch uses seed + i."}),
+            "seed": seed_input("Seed of the first image; image i of the batch uses seed + i."),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Number of latents."}),
             "space": (list(_sampling.SPACES), {"default": "auto", "tooltip": "z: the input noise; w: StyleGAN's "
                       "intermediate space (mixing, lerp); auto: w where the model has one, else z."}),
@@ -97,13 +86,13 @@ class AtelierGANSample:
             "noise_mode": (list(_sampling.NOISE_MODES), {"default": "const", "tooltip":
                            "StyleGAN2 per-pixel noise: const (the model's stored noise, reproducible), random "
                            "(from noise_seed), none. Other models have no noise inputs."}),
-            "noise_seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip": "Seed of the random noise."}),
+            "noise_seed": seed_input("Seed of the per-pixel noise in 'random' noise mode (the other modes ignore it)."),
         }}
 
     def sample(self, gan, latent, truncation_psi: float, truncation_cutoff: int, noise_mode: str, noise_seed: int):
         img = _sampling.sample(get_manager(), gan, latent, truncation_psi, truncation_cutoff or None, noise_mode,
                                noise_seed)
-        return (_image(img),)
+        return (bchw_to_image(img, rgb=True, fresh=True),)
 
 
 class AtelierGANInterpolate:
@@ -195,14 +184,13 @@ class AtelierGANProject:
                               "Adam's peak learning rate (ramped up, then down); 0: automatic (0.1 in w, 0.2 in z)."}),
             "class_label": ("INT", {"default": -1, "min": -1, "max": 100000, "tooltip":
                             "Conditional models: the target's class; -1: picked by the start search."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "tooltip":
-                     "Seed of the random starting points tried before optimising."}),
+            "seed": seed_input("Seed of the random starting points tried before optimising."),
         }}
 
     def project(self, gan, image, space: str, steps: int, learning_rate: float, class_label: int, seed: int):
         res = _project.project(get_manager(), gan, image_to_bchw(image, "image"), space=space, steps=steps,
                                lr=learning_rate, class_label=class_label, seed=seed)
-        return {"ui": {"text": [res.note]}, "result": (res.latent, _image(res.image), res.note)}
+        return {"ui": {"text": [res.note]}, "result": (res.latent, bchw_to_image(res.image, rgb=True), res.note)}
 
 
 class AtelierImageToImageGAN:
@@ -219,13 +207,12 @@ class AtelierImageToImageGAN:
         return {"required": {
             "gan": _gan("An image-to-image GAN (CycleGAN/pix2pix) from Load GAN."),
             "image": ("IMAGE", {"tooltip": "The images to translate."}),
-            "tile_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip":
-                          "Tile side in pixels; 0: automatic (the whole image when memory allows)."}),
+            "tile_size": tile_input("Tile side in pixels; 0: automatic (the whole image when memory allows)."),
         }}
 
     def apply(self, gan, image, tile_size: int):
         out = _sampling.translate(get_manager(), gan, image_to_bchw(image, "image"), tile=tile_size or None)
-        return (_image(out),)
+        return (bchw_to_image(out, rgb=True, fresh=True),)
 
 
 class AtelierGANInpaint:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from ..models.manager import FOLDERS, get_manager
+from .common import model_input, split_choice
 
 
 class AtelierModelInfo:
@@ -17,11 +18,10 @@ class AtelierModelInfo:
 
     @classmethod
     def INPUT_TYPES(cls):
-        choices = [f"{f}/{n}" for f in FOLDERS for n in get_manager().list_models(f)] or ["(no models found)"]
-        return {"required": {"model": (choices, {"tooltip": "A model file, as folder/name."})}}
+        return {"required": {"model": model_input(*FOLDERS, prefixed=True, tooltip="A model file, as folder/name.")}}
 
     def inspect(self, model: str):
-        folder, _, name = model.partition("/")
+        folder, name = split_choice(model, FOLDERS, "model")
         desc = get_manager().load(name, folder)
         text = json.dumps(desc.to_json(), indent=2)
         return {"ui": {"text": [text]}, "result": (text,)}

@@ -6,13 +6,11 @@ shared manager), so existing graphs can switch one node at a time. The logic is 
 """
 from __future__ import annotations
 
-import torch
-
 from ..models.descriptor import ModelDescriptor
 from ..models.errors import InputError
 from ..models.manager import get_manager
 from ..models.upscale import upscale as _up
-from .common import image_to_bchw, model_choices
+from .common import bchw_to_image, image_to_bchw, model_input, tile_input
 
 CATEGORY = "atelier/upscale"
 MODES = ("model scale", "factor", "size")
@@ -20,7 +18,7 @@ MODES = ("model scale", "factor", "size")
 
 def descriptor_of(upscale_model: object) -> ModelDescriptor:
     """Our descriptor for an UPSCALE_MODEL input (ours, or core's spandrel descriptor, adopted by the manager)."""
-    from ..models.upscale import spandrel_arch
+    from ..models import spandrel_arch
 
     if isinstance(upscale_model, ModelDescriptor):
         desc = upscale_model
@@ -48,12 +46,11 @@ class AtelierLoadUpscaler:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model_name": (model_choices("upscale_models"),
-                                            {"tooltip": "A model file in models/upscale_models."})}}
+        return {"required": {"model_name": model_input("upscale_models", tooltip="A model file in models/upscale_models.")}}
 
     def load(self, model_name: str):
         desc = get_manager().load(model_name, "upscale_models", family="upscale")
-        return (desc.extra,)
+        return (desc.extra.spandrel,)
 
 
 class AtelierUpscaleImage:
@@ -84,28 +81,23 @@ class AtelierUpscaleImage:
         }, "optional": {
             "alpha": (list(_up.ALPHA_MODES), {"default": "resize", "tooltip": "How alpha is upscaled: an "
                       "antialiased resize, or the model itself (as a grey image)."}),
-            "tile": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Tile side in input pixels; "
-                             "0 picks it from free memory (one call when the image fits)."}),
+            "tile_size": tile_input("Tile side in input pixels; 0 picks it from free memory (one call when the image "
+                                    "fits). (Called `tile` before 0.2; API files with the old name run in `atelier "
+                                    "run`, ComfyUI ignores the old name.)"),
         }}
 
     def upscale(self, upscale_model, image, mode: str = "model scale", factor: float = 2.0, width: int = 0,
-                height: int = 0, alpha: str = "resize", tile: int = 0):
+                height: int = 0, alpha: str = "resize", tile_size: int = 0):
         desc = descriptor_of(upscale_model)
         x = image_to_bchw(image, "image")  # [B,C,H,W]
         if mode not in MODES:
             raise InputError(f"mode: expected one of {MODES}, got {mode!r}")
         if mode == "size" and not (width or height):
             raise InputError("width/height: 'size' mode needs a width or a height above 0, got 0x0")
-        with torch.inference_mode():  # as ComfyUI runs every prompt; also outside it (tests, the CLI)
-            out = _up.upscale(desc, x, factor=factor if mode == "factor" else None,
-                              width=width if mode == "size" else 0, height=height if mode == "size" else 0,
-                              alpha=alpha, tile=tile or None, manager=get_manager())
-            return (_to_image(out),)
-
-
-def _to_image(x: torch.Tensor) -> torch.Tensor:
-    """[B,C,H,W] -> IMAGE [B,H,W,C] with a single copy (clamped in place first)."""
-    return x.clamp_(0, 1).movedim(1, -1).to("cpu", torch.float32).contiguous()
+        out = _up.upscale(desc, x, factor=factor if mode == "factor" else None, width=width if mode == "size" else 0,
+                          height=height if mode == "size" else 0, alpha=alpha, tile=tile_size or None,
+                          manager=get_manager())
+        return (bchw_to_image(out, fresh=True),)
 
 
 NODE_CLASS_MAPPINGS = {"AtelierLoadUpscaler": AtelierLoadUpscaler, "AtelierUpscaleImage": AtelierUpscaleImage}

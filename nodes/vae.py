@@ -8,27 +8,19 @@ to it (core's nodes ignore the key). The logic is in models/vae/codec.py.
 """
 from __future__ import annotations
 
-import torch
-
 from ..models.errors import InputError
 from ..models.manager import get_manager
 from ..models.vae import codec
-from .common import bchw_to_image, image_to_bchw
+from .common import (bchw_to_image, image_to_bchw, latent_in, latent_out, model_input, seed_input, split_choice,
+                     tile_input)
 
 CATEGORY = "atelier/vae"
 VAE_TYPE = "ATELIER_VAE"
 FOLDERS = ("vae", "vae_approx")
 SIZE_KEY = "atelier_image_size"
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
 TILE_TIP = ("Tile side in image pixels; 0 picks it from free memory (one call when the image fits). Tiled equals "
             "untiled: TAESD tiles overlap by the receptive field, KL autoencoders run in bands with whole-image "
             "GroupNorm statistics.")
-
-
-def vae_choices() -> list[str]:
-    """'folder/name' for every file in models/vae and models/vae_approx."""
-    names = [f"{folder}/{n}" for folder in FOLDERS for n in get_manager().list_models(folder)]
-    return names or ["(no models found)"]
 
 
 def _vae(vae: object) -> codec.VAE:
@@ -36,12 +28,6 @@ def _vae(vae: object) -> codec.VAE:
         raise InputError(f"vae: expected an ATELIER_VAE from Atelier Load VAE, got {type(vae).__name__} "
                          "(core's VAE type goes to core's VAE Encode/Decode)")
     return vae
-
-
-def _latent(samples: object, name: str) -> dict:
-    if not isinstance(samples, dict) or "samples" not in samples:
-        raise InputError(f"{name}: expected a LATENT (a dict with 'samples'), got {type(samples).__name__}")
-    return samples
 
 
 class AtelierLoadVAE:
@@ -58,13 +44,11 @@ class AtelierLoadVAE:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae_name": (vae_choices(), {"tooltip": "A VAE file, as folder/name (models/vae or "
-                                                          "models/vae_approx)."})}}
+        return {"required": {"vae_name": model_input(*FOLDERS, prefixed=True, tooltip="A VAE file, as folder/name "
+                                                     "(models/vae or models/vae_approx).")}}
 
     def load(self, vae_name: str):
-        folder, _, name = vae_name.partition("/")
-        if folder not in FOLDERS or not name:
-            raise InputError(f"vae_name: expected 'vae/<file>' or 'vae_approx/<file>', got {vae_name!r}")
+        folder, name = split_choice(vae_name, FOLDERS, "vae_name")
         return (codec.load_vae(name, folder, manager=get_manager()),)
 
 
@@ -86,24 +70,16 @@ class AtelierVAEEncode:
             "image": ("IMAGE", {"tooltip": "Images to encode (RGB; grey is expanded, alpha dropped)."}),
             "mode": (["mean", "sample"], {"default": "mean", "tooltip": "mean: the posterior mean (what core's VAE "
                                           "Encode gives); sample: a seeded draw from the posterior."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": False,
-                             "tooltip": "Seed of the draw in 'sample' mode; image i of the batch uses seed + i."}),
-        }, "optional": {
-            "tile_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": TILE_TIP}),
-        }}
+            "seed": seed_input("Seed of the draw in 'sample' mode; image i of the batch uses seed + i.", control=False),
+        }, "optional": {"tile_size": tile_input(TILE_TIP)}}
 
     def encode(self, vae, image, mode: str = "mean", seed: int = 0, tile_size: int = 0):
         vae = _vae(vae)
         if mode not in ("mean", "sample"):
             raise InputError(f"mode: expected 'mean' or 'sample', got {mode!r}")
         x = image_to_bchw(image, "image")  # [B,C,H,W]
-        with torch.inference_mode():
-            z = codec.encode(vae, x, sample=mode == "sample", seed=seed, tile=tile_size or None, manager=get_manager())
-        out = {"samples": z}
-        H, W = x.shape[-2:]
-        if vae.fixed_size is None and (H % vae.downscale or W % vae.downscale):
-            out[SIZE_KEY] = [int(H), int(W)]
-        return (out,)
+        z = codec.encode(vae, x, sample=mode == "sample", seed=seed, tile=tile_size or None, manager=get_manager())
+        return (latent_out(z, **{SIZE_KEY: _padded_size(vae, *x.shape[-2:])}),)
 
 
 class AtelierVAEDecode:
@@ -122,20 +98,15 @@ class AtelierVAEDecode:
         return {"required": {
             "vae": (VAE_TYPE, {"tooltip": "From Atelier Load VAE: the VAE the latent was made with."}),
             "samples": ("LATENT", {"tooltip": "Latents to decode."}),
-        }, "optional": {
-            "tile_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": TILE_TIP}),
-        }}
+        }, "optional": {"tile_size": tile_input(TILE_TIP)}}
 
     def decode(self, vae, samples, tile_size: int = 0):
         vae = _vae(vae)
-        latent = _latent(samples, "samples")
+        latent = latent_in(samples, "samples")
         size = latent.get(SIZE_KEY)
-        with torch.inference_mode():
-            out = codec.decode(vae, latent["samples"], size=tuple(size) if size else None, tile=tile_size or None,
-                               manager=get_manager(), name="samples")
-        if out.shape[1] == 1:  # a greyscale VAE (MNIST): IMAGE is RGB
-            out = out.expand(-1, 3, -1, -1)
-        return (bchw_to_image(out),)
+        out = codec.decode(vae, latent["samples"], size=tuple(size) if size else None, tile=tile_size or None,
+                           manager=get_manager(), name="samples")
+        return (bchw_to_image(out, rgb=True, fresh=True),)  # a greyscale VAE (MNIST): IMAGE is RGB
 
 
 class AtelierVAESample:
@@ -156,8 +127,7 @@ class AtelierVAESample:
             "height": ("INT", {"default": 512, "min": 8, "max": codec.MAX_SIDE, "step": 8, "tooltip": "Image height "
                                "the latents decode to (ignored by a fully connected VAE)."}),
             "batch_size": ("INT", {"default": 4, "min": 1, "max": 4096, "tooltip": "Number of latents."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
-                             "tooltip": "Seed of the first latent; latent i of the batch uses seed + i."}),
+            "seed": seed_input("Seed of the first latent; latent i of the batch uses seed + i."),
             "temperature": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Standard "
                                       "deviation of the draws; below 1 gives more typical, less varied samples."}),
         }}
@@ -165,10 +135,7 @@ class AtelierVAESample:
     def sample(self, vae, width: int, height: int, batch_size: int, seed: int, temperature: float = 1.0):
         vae = _vae(vae)
         z = codec.sample_prior(vae, batch_size, height, width, seed, temperature)
-        out = {"samples": z}
-        if vae.fixed_size is None and (height % vae.downscale or width % vae.downscale):
-            out[SIZE_KEY] = [int(height), int(width)]
-        return (out,)
+        return (latent_out(z, **{SIZE_KEY: _padded_size(vae, height, width)}),)
 
 
 class AtelierLatentInterpolate:
@@ -192,11 +159,16 @@ class AtelierLatentInterpolate:
         }}
 
     def interpolate(self, latent_a, latent_b, steps: int, mode: str = "slerp"):
-        a, b = _latent(latent_a, "latent_a"), _latent(latent_b, "latent_b")
-        out = {"samples": codec.interpolate(a["samples"], b["samples"], steps, mode)}
-        if a.get(SIZE_KEY) is not None and a.get(SIZE_KEY) == b.get(SIZE_KEY):
-            out[SIZE_KEY] = a[SIZE_KEY]
-        return (out,)
+        a, b = latent_in(latent_a, "latent_a"), latent_in(latent_b, "latent_b")
+        size = a.get(SIZE_KEY) if a.get(SIZE_KEY) == b.get(SIZE_KEY) else None
+        return (latent_out(codec.interpolate(a["samples"], b["samples"], steps, mode), **{SIZE_KEY: size}),)
+
+
+def _padded_size(vae: codec.VAE, height: int, width: int) -> list[int] | None:
+    """The image size to crop back to, when it is not a multiple of the VAE's downscale."""
+    if vae.fixed_size is None and (height % vae.downscale or width % vae.downscale):
+        return [int(height), int(width)]
+    return None
 
 
 NODE_CLASS_MAPPINGS = {

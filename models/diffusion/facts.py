@@ -30,6 +30,7 @@ class TrainingSchedule:
     prediction_type: str = "epsilon"  # one of PREDICTIONS
     clip_sample: bool = True  # clip x0 to [-clip_sample_range, clip_sample_range] (pixel models)
     clip_sample_range: float = 1.0
+    trained_betas: tuple[float, ...] | None = None  # explicit betas (diffusers' trained_betas); wins over the above
 
 
 @dataclass(frozen=True)
@@ -42,3 +43,5 @@ class DiffusionFacts:
     learned_variance: bool = False  # output has 2*in_channels channels
     latent: bool = False  # works on VAE latents (LATENT in/out) rather than pixels in -1..1
     schedule: TrainingSchedule = field(default_factory=TrainingSchedule)
+    time_input: str = "timestep"  # what t is: "timestep" (training step, 0..T-1) or "sigma" (Fourier-embedded
+    #                               score-SDE UNets; their output is already divided by sigma)

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..budget import CPU_CACHE_BYTES
 from ..errors import InputError
+from ..image import to_unit
 from . import ops
-
-NOISE_MODES = ("const", "random", "none")
+from .contract import NOISE_MODES, Generator, check_z_c
 
 
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
@@ -129,21 +130,7 @@ class MappingNetwork(nn.Module):
 
     def check_z_c(self, z: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Validate z [B,z_dim] and c [B,c_dim] (c may be [1,c_dim]; an empty c is fine when c_dim == 0)."""
-        dev = self.w_avg.device
-        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.z_dim:
-            got = list(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise InputError(f"z: expected [B,{self.z_dim}], got {got}")
-        z = z.to(device=dev, dtype=torch.float32)
-        if self.c_dim == 0:
-            if c is not None and c.numel() > 0:
-                raise InputError(f"c: this generator is unconditional (c_dim=0), got a label tensor {list(c.shape)}")
-            return z, None
-        if c is None:
-            raise InputError(f"c: this generator is conditional; expected [B,{self.c_dim}] (one-hot), got None")
-        if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[1] != self.c_dim or c.shape[0] not in (1, z.shape[0]):
-            got = list(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
-            raise InputError(f"c: expected [{z.shape[0]},{self.c_dim}], got {got}")
-        return z, c.to(device=dev, dtype=torch.float32).expand(z.shape[0], -1)
+        return check_z_c(z, c, self.z_dim, self.c_dim, self.w_avg.device, torch.float32)
 
     def forward(
         self,
@@ -173,14 +160,13 @@ class MappingNetwork(nn.Module):
 class SynthesisBase(nn.Module):
     """Input checks and CPU batch chunking shared by the StyleGAN2 and StyleGAN3 synthesis networks.
 
-    On a CPU, large intermediates cost more than their arithmetic (fresh pages for every big temporary, caches
-    missed), so a batch runs in chunks whose largest activation stays near `cpu_chunk_bytes`: measured on a
-    64px StyleGAN3-T at batch 32, one chunk of 32 took 2.4x as long as chunks of 1. Other devices run whole.
+    On a CPU a batch runs in chunks whose largest activation stays near `budget.CPU_CACHE_BYTES` (see there);
+    other devices run whole.
     """
 
     num_ws: int
     w_dim: int
-    cpu_chunk_bytes = 16 * 2**20
+    cpu_chunk_bytes = CPU_CACHE_BYTES
 
     def sample_bytes(self) -> int:
         """Bytes of the largest activation of one sample (float32)."""
@@ -212,8 +198,8 @@ class SynthesisBase(nn.Module):
         raise NotImplementedError
 
 
-class StyleGenerator(nn.Module):
-    """Mapping + synthesis: the generator contract of the GAN nodes (see the module doc)."""
+class StyleGenerator(Generator):
+    """Mapping + synthesis, under the GAN family's one generator contract (models/gan/contract.py)."""
 
     output_range = (-1.0, 1.0)
     mapping: MappingNetwork
@@ -238,6 +224,21 @@ class StyleGenerator(nn.Module):
     ) -> torch.Tensor:  # [B,img_channels,img_resolution,img_resolution] float32
         ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
         return self.synthesis(ws, noise_mode=noise_mode, generator=generator)
+
+    def generate(self, x: torch.Tensor, labels: torch.Tensor | None, *, space: str = "z", psi: float = 1.0,
+                 cutoff: int | None = None, noise_mode: str = "const", generator: torch.Generator | None = None,
+                 ) -> torch.Tensor:  # [B,C,H,W] in [0,1]
+        dev = self.w_avg.device
+        if space == "w":
+            ws = truncate(x.to(dev), self.w_avg.float(), psi, cutoff)  # [b,num_ws,w_dim]
+            img = self.synthesis(ws, noise_mode=noise_mode, generator=generator)
+        else:
+            c = labels.to(dev) if labels is not None else None
+            img = self(x.to(dev), c, truncation_psi=psi, truncation_cutoff=cutoff, noise_mode=noise_mode,
+                       generator=generator)
+        if img.dtype != torch.float32 and not torch.isfinite(img).all():
+            return img  # as it is, so that the manager sees the overflow (clamping would hide an Inf) and redoes fp32
+        return to_unit(img, self.output_range, inplace=True)  # the synthesis' fresh output
 
 
 def mean_w(mapping: MappingNetwork, samples: int = 10000, seed: int = 0) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..descriptor import ModelDescriptor
-from .dcgan import HEADS, LatentGenerator, attach, config_from_meta
+from .contract import HEADS, LatentGenerator, attach, config_from_meta
 
 _NUM = re.compile(r"^\d+$")
 _MIN_SIDE = 8  # smaller "images" are a discriminator's or classifier's logits, not a generator's output

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError
-from .dcgan import config_from_meta
+from .contract import config_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ class ResnetBlock(nn.Module):
 
 class ResnetGenerator(nn.Module):
     """CycleGAN generator: [B,in,H,W] in [-1,1] -> [B,out,H,W] in [-1,1]; H, W multiples of 2**n_down."""
+
+    input_range = output_range = RANGE  # the image-to-image contract: what the images in and out span
 
     def __init__(self, cfg: ResnetConfig) -> None:
         super().__init__()
@@ -257,6 +259,8 @@ class UnetSkipConnectionBlock(nn.Module):
 class UnetGenerator(nn.Module):
     """pix2pix generator: [B,in,H,W] in [-1,1] -> [B,out,H,W] in [-1,1]; H, W multiples of 2**num_downs."""
 
+    input_range = output_range = RANGE
+
     def __init__(self, cfg: UnetConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -394,7 +398,9 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         out_channels=cfg.out_channels,
         supports_half=True,
         supports_bfloat16=True,
-        size_requirements=SizeRequirements(minimum=multiple, multiple_of=multiple),
+        # a ResNet generator's bottleneck must be 2 px at least (reflect padding, instance norm): 1-2 px images padded
+        size_requirements=SizeRequirements(minimum=multiple * (1 if arch == "UnetGenerator" else 2),
+                                           multiple_of=multiple),
         tiling="supported",
         receptive_field=model.receptive_field(),
         bytes_per_pixel=4.0 * sum(ch / 4**lvl for ch, lvl in levels),  # fp32 bytes per input pixel, batch 1

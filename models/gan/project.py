@@ -26,8 +26,8 @@ from torch.overrides import TorchFunctionMode
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
 from ..manager import ModelManager, placement
-from ..progress import Progress
 from ..image import match_channels, split_alpha
+from ..progress import Progress, interruptible
 from .sampling import GANLatent, check_generator, class_labels, model_identity, model_name, resolve_space
 
 log = logging.getLogger(__name__)
@@ -398,7 +398,7 @@ def project(
     labels = None if g.c_dim and class_label == -1 else class_labels(g.c_dim, class_label, seed, B, what)
     if note:
         log.info("GAN projection: %s", note)
-    with manager.use(desc) as model, torch.inference_mode(False), torch.enable_grad():
+    with manager.use(desc) as model, torch.inference_mode(False), torch.enable_grad(), interruptible(model):
         dev = placement(model)[0]
         tgt = target.clone().to(dev)  # a normal tensor (not an inference one)
         render = _renderer(model, space, noise_mode)

@@ -22,27 +22,30 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import host
+from .. import budget, host
 from ..budget import SMALL_CALL_BYTES, fit_batch, scaled_bpp
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
-from ..image import match_channels, split_alpha
+from ..image import match_channels, pad_to, split_alpha, to_range, to_unit
 from ..manager import ModelManager, placement
-from ..progress import Progress
+from ..progress import Progress, interruptible
 from ..tiling import tiled_apply
-from .dcgan import LatentGenerator
-from .latent import style_mix, truncate
+from ..latents import generator as seed_generator
+from ..latents import lerp, seeded_normal, slerp
+from .contract import NOISE_MODES, Generator
+from .latent import style_mix
 
 log = logging.getLogger(__name__)
 
 SPACES = ("auto", "w", "z")
-NOISE_MODES = ("const", "random", "none")
 INTERPOLATIONS = ("auto", "lerp", "slerp")
 PSI_RANGE = (-2.0, 2.0)
 # NVIDIA's style-mixing split of the 18 ws of a 1024px StyleGAN (4-8px coarse, 16-32px middle, 64-1024px fine),
 # scaled to a model's num_ws: boundaries at 4/18 and 8/18 of the rows.
 _GROUP_BOUNDS = (4 / 18, 8 / 18)
 MAX_CHUNK = 256
+RAM = torch.device("cpu")  # where results sized by the user are gathered (memory guards)
+LONG_PASS_BYTES = 16 << 20  # a call whose activations are smaller is short anyway: no per-layer Cancel checks
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value; compare .tensor yourself
@@ -137,19 +140,11 @@ def _check_same(a: GANLatent, b: GANLatent, name: str = "latent_b") -> None:
 # latents from seeds
 
 
-def _generator(seed: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator for one item's seed (wrapped into 64 bits); stream 1 is an independent one for labels."""
-    s = int(seed) % 2**64
-    if stream:
-        s = (s * 6364136223846793005 + 1442695040888963407) % 2**64
-    return torch.Generator().manual_seed(s)
-
-
 def seeds_to_z(seed: int, batch_size: int, z_dim: int) -> torch.Tensor:  # [B,z_dim] float32 CPU
     """z for seeds seed, seed+1, ... (one CPU generator per item, so item i alone equals item i of a batch)."""
     if batch_size < 1:
         raise InputError(f"batch_size: expected at least 1, got {batch_size}")
-    return torch.stack([torch.randn(z_dim, generator=_generator(seed + i)) for i in range(batch_size)])
+    return seeded_normal((batch_size, z_dim), seed)
 
 
 def class_labels(c_dim: int, class_label: int, seed: int, batch_size: int, what: str = "this model"
@@ -166,7 +161,7 @@ def class_labels(c_dim: int, class_label: int, seed: int, batch_size: int, what:
     if label >= 0:
         idx = torch.full((batch_size,), label)
     else:
-        idx = torch.cat([torch.randint(c_dim, (1,), generator=_generator(seed + i, 1)) for i in range(batch_size)])
+        idx = torch.cat([torch.randint(c_dim, (1,), generator=seed_generator(seed + i, 1)) for i in range(batch_size)])
     return torch.nn.functional.one_hot(idx, c_dim).float()
 
 
@@ -214,25 +209,6 @@ def to_w(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, name: 
 # interpolation and mixing
 
 
-def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """a + t (b - a); a, b [B,...], t [T] -> [B,T,...]."""
-    t = t.view(1, -1, *([1] * (a.dim() - 1))).to(a.dtype)
-    return a.unsqueeze(1) + t * (b - a).unsqueeze(1)
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Spherical interpolation of vectors a, b [B,D] (Shoemake 1985; White 2016, "Sampling Generative Networks"):
-    along the great circle for the direction, the norm blended by the same weights. -> [B,T,D]."""
-    an, bn = a / a.norm(dim=-1, keepdim=True).clamp_min(eps), b / b.norm(dim=-1, keepdim=True).clamp_min(eps)
-    omega = torch.arccos((an * bn).sum(-1).clamp(-1 + eps, 1 - eps)).unsqueeze(1)  # [B,1]
-    tt = t.view(1, -1).to(a.dtype)  # [1,T]
-    so = torch.sin(omega)
-    ca, cb = torch.sin((1 - tt) * omega) / so, torch.sin(tt * omega) / so  # [B,T]
-    out = ca.unsqueeze(-1) * a.unsqueeze(1) + cb.unsqueeze(-1) * b.unsqueeze(1)
-    near = (omega.squeeze(1) < 1e-4).view(-1, 1, 1)  # (anti)parallel: lerp is exact enough and stable
-    return torch.where(near, lerp(a, b, t), out)
-
-
 def _blend(a: GANLatent, b: torch.Tensor, b_labels: torch.Tensor | None, t: torch.Tensor, method: str
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[B,T,...] latents and labels between a and b."""
@@ -263,6 +239,7 @@ def interpolate(a: GANLatent, b: GANLatent, steps: int, method: str = "auto") ->
                   labels=None if a.labels is None else a.labels.expand(n, -1))
     bt = b.tensor.expand(n, *b.tensor.shape[1:])
     bl = None if b.labels is None else b.labels.expand(n, -1)
+    _require_latents(a, n * steps, f"GAN Interpolate: {n} x {steps} steps")
     x, labels = _blend(a, bt, bl, torch.linspace(0, 1, steps), method)
     return a.replace(tensor=x.flatten(0, 1).contiguous(),
                      labels=None if labels is None else labels.flatten(0, 1).contiguous())
@@ -277,6 +254,7 @@ def walk(keys: GANLatent, steps: int, method: str = "auto", loop: bool = True) -
     if steps < 1:
         raise InputError(f"steps: expected at least 1 frame per segment, got {steps}")
     order = list(range(len(keys))) + ([0] if loop else [])
+    _require_latents(keys, (len(order) - 1) * steps + 1, f"GAN latent walk: {len(order) - 1} segments x {steps} steps")
     a = keys.replace(tensor=keys.tensor[order[:-1]], labels=None if keys.labels is None else keys.labels[order[:-1]])
     b_idx = order[1:]
     t = torch.arange(steps, dtype=torch.float32) / steps  # end of each segment = start of the next
@@ -286,6 +264,12 @@ def walk(keys: GANLatent, steps: int, method: str = "auto", loop: bool = True) -
         x = torch.cat([x, keys.tensor[-1:]])
         labels = None if labels is None else torch.cat([labels, keys.labels[-1:]])
     return keys.replace(tensor=x.contiguous(), labels=None if labels is None else labels.contiguous())
+
+
+def _require_latents(like: GANLatent, count: int, what: str) -> None:
+    """`count` latents shaped like `like`'s, built three times over (blend, flatten, result): refused unless they fit."""
+    per = like.tensor[0].numel() + (like.labels[0].numel() if like.labels is not None else 0)
+    budget.require(budget.tensor_bytes(count, per) * 3, f"{what} = {count} latents", RAM)
 
 
 def layer_groups(num_ws: int) -> dict[str, list[int]]:
@@ -341,13 +325,6 @@ def mix_styles(manager: ModelManager, desc: ModelDescriptor, base: GANLatent, so
 # sampling
 
 
-def to_unit(img: torch.Tensor, output_range: tuple[float, float], inplace: bool = False) -> torch.Tensor:
-    """A generator's output in output_range -> [0,1], clamped (`inplace`: reuse img when it is float32 already)."""
-    lo, hi = float(output_range[0]), float(output_range[1])
-    x = img if inplace and img.dtype == torch.float32 else img.float().clone()
-    return x.sub_(lo).mul_(1.0 / (hi - lo)).clamp_(0, 1)
-
-
 def _sample_bytes(desc: ModelDescriptor) -> float:
     """Activation bytes of one sample (a rough upper bound: float32, plus half again)."""
     return scaled_bpp(desc.bytes_per_pixel) * desc.model.img_resolution**2 * 1.5
@@ -357,27 +334,6 @@ def _chunk_size(manager: ModelManager, desc: ModelDescriptor, batch: int, per: f
     if batch * per <= SMALL_CALL_BYTES:  # one call, without asking the device for its free memory
         return min(batch, MAX_CHUNK)
     return fit_batch(per, batch, manager.activation_budget(desc), MAX_CHUNK)
-
-
-def _sample_fn(latent: GANLatent, psi: float, cutoff: int | None, noise_mode: str, gen: torch.Generator | None,
-               output_range: tuple[float, float]):
-    """model, latents [b,...], labels -> images [b,C,H,W] in 0..1 on the model's device."""
-    def run(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(model, LatentGenerator):  # casts and moves its inputs; its head maps to 0..1 directly
-            return model(x, labels, truncation_psi=psi, noise_mode=noise_mode, unit=True)
-        dev = placement(model)[0]
-        if latent.space == "w":
-            ws = truncate(x.to(dev), model.w_avg.float(), psi, cutoff)  # [b,num_ws,w_dim]
-            img = model.synthesis(ws, noise_mode=noise_mode, generator=gen)
-        else:
-            c = labels.to(dev) if labels is not None else None
-            img = model(x.to(dev), c, truncation_psi=psi, truncation_cutoff=cutoff, noise_mode=noise_mode,
-                        generator=gen)
-        if img.dtype != torch.float32 and not torch.isfinite(img).all():
-            return img  # as it is, so that manager.run sees the overflow (clamping would hide an Inf) and redoes fp32
-        return to_unit(img, output_range, inplace=True)  # the generator's fresh output
-
-    return run
 
 
 def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, truncation_psi: float = 1.0,
@@ -399,9 +355,18 @@ def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, trun
     if g.c_dim and latent.space == "z" and latent.labels is None:
         raise InputError(f"latent: {model_name(desc)} is class-conditional but this z latent carries no class labels")
     gen = torch.Generator().manual_seed(int(noise_seed)) if noise_mode == "random" else None
-    fn = _sample_fn(latent, psi, truncation_cutoff, noise_mode, gen, g.output_range)
-    n = len(latent)
     per = _sample_bytes(desc)
+
+    def fn(model: Generator, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:  # [b,C,H,W] in 0..1
+        # a chunk can take long on a CPU: Cancel stops between layers (not worth the hooks on a tiny call)
+        with interruptible(model, enabled=per * x.shape[0] >= LONG_PASS_BYTES):
+            return model.generate(x, labels, space=latent.space, psi=psi, cutoff=truncation_cutoff,
+                                  noise_mode=noise_mode, generator=gen)
+
+    n = len(latent)
+    res = int(g.img_resolution)
+    budget.require(budget.tensor_bytes(n, max(3, int(getattr(g, "img_channels", 3))), res, res) * 2,
+                   f"GAN Sample: {n} images of {res}x{res}", RAM)
     step = chunk or _chunk_size(manager, desc, n, per)
     if n <= step:  # one call, the usual case: no bar, no slices (this path is timed at batch 1 by bench/gan.py)
         host.throw_if_interrupted()
@@ -429,28 +394,32 @@ def translate(manager: ModelManager, desc: ModelDescriptor, image: torch.Tensor,
 
     Alpha is kept as it was; grey <-> RGB converted to the model's channels; sizes padded to the model's needs."""
     check_image_to_image(desc)
-    rgb, alpha = split_alpha(image.float())
-    x = match_channels(rgb, desc.in_channels)
-    lo, hi = desc.config.get("input_range", (-1.0, 1.0))
-    x = x * (hi - lo) + lo
-    H, W = x.shape[-2:]
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or min(image.shape) == 0:
+        raise InputError(f"image: expected images [B,C,H,W] with at least 1 pixel, got "
+                         f"{tuple(getattr(image, 'shape', ())) or type(image).__name__}")
+    H, W = image.shape[-2:]
     req = desc.size_requirements
     ph, pw = req.padded_size(H, W)
-    if (ph, pw) != (H, W):  # reflect like the generators' own padding; replicate where the image is too small
-        mode = "reflect" if ph - H < H and pw - W < W else "replicate"
-        x = torch.nn.functional.pad(x, (0, pw - W, 0, ph - H), mode=mode)
+    channels = max(3, desc.in_channels, desc.out_channels)  # input copies (scaled, padded), output, its [0,1] copy
+    budget.require(budget.tensor_bytes(image.shape[0], channels, ph, pw) * 5,
+                   f"Image-to-Image GAN: {image.shape[0]} image(s) of {W}x{H}", RAM)
+    rgb, alpha = split_alpha(image.float())
+    x = match_channels(rgb, desc.in_channels)
+    model = desc.model
+    x = pad_to(to_range(x, model.input_range), ph, pw)  # reflect like the generators' own padding; replicate if small
     context = int(desc.receptive_field or 32)
-    budget = manager.activation_budget(desc)
+    act_budget = manager.activation_budget(desc)
 
     def fn(model: torch.nn.Module) -> torch.Tensor:
         dev, dt = placement(model)
-        with torch.no_grad():
+        long = scaled_bpp(desc.bytes_per_pixel) * x.shape[0] * ph * pw >= LONG_PASS_BYTES
+        with torch.no_grad(), interruptible(model, enabled=long):  # a big tile is one long call on a CPU
             return tiled_apply(model, x, scale=1, out_channels=desc.out_channels, tile=tile or None, context=context,
                                blend=16, align=max(1, req.multiple_of), bytes_per_pixel=desc.bytes_per_pixel,
-                               budget_bytes=budget, device=dev, dtype=dt, progress="GAN tiles")
+                               budget_bytes=act_budget, device=dev, dtype=dt, progress="GAN tiles")
 
     y = manager.run(desc, fn)[..., :H, :W]  # [B,C',H,W] in output_range
-    out = to_unit(y, desc.config.get("output_range", (-1.0, 1.0)))
+    out = to_unit(y, model.output_range)
     if alpha is not None:
         out = torch.cat([out, alpha.to(out)], dim=1)
     return out

@@ -24,6 +24,7 @@ from ..budget import scaled_bpp
 from ..descriptor import ModelDescriptor
 from ..errors import InputError
 from ..manager import ModelManager, get_manager, placement
+from ..spandrel_arch import SpandrelFacts
 from ..image import MAX_SIDE, match_channels, resize, split_alpha
 from ..tiling import even_tile, tiled_apply
 from .cpu_conv import cpu_threads, fast_cpu_convs
@@ -175,16 +176,16 @@ def run_model(desc: ModelDescriptor, x: torch.Tensor, *, tile: int | None = None
               manager: ModelManager | None = None, progress: str | None = "upscale") -> torch.Tensor:
     """The model on [B,cin,H,W] through the tiling engine, on the manager's device and dtype; float32 result."""
     manager = manager or get_manager()
-    if not callable(desc.extra) or desc.family != "upscale":
+    if not isinstance(desc.extra, SpandrelFacts) or desc.family != "upscale":
         raise InputError(f"upscale_model: {desc.architecture} ({desc.family} {desc.purpose}) is not a single-image "
                          "upscale or restoration model")
-    call = _per_sample_fallback(desc.extra)  # spandrel's call: size requirements (pad/crop), call_fn, clamp 0..1
+    call = _per_sample_fallback(desc.extra.spandrel)  # spandrel's call: size requirements, call_fn, clamp 0..1
 
     def work(model: torch.nn.Module) -> torch.Tensor:
         device, dtype = placement(model)
         plan = tile_plan(desc, x.shape[-2], x.shape[-1], x.shape[0], device, dtype, tile, manager)
         cpu32 = device.type == "cpu" and dtype == torch.float32
-        with torch.inference_mode(), cpu_threads(device.type == "cpu"), fast_cpu_convs(model, enabled=cpu32):
+        with cpu_threads(device.type == "cpu"), fast_cpu_convs(model, enabled=cpu32):
             return tiled_apply(call, x, scale=int(desc.scale), out_channels=desc.out_channels, tile=plan.tile,
                                context=plan.context, blend=plan.blend, align=plan.align, max_batch=plan.max_batch,
                                device=device, dtype=dtype, progress=progress)
@@ -213,10 +214,10 @@ def tile_plan(desc: ModelDescriptor, H: int, W: int, batch: int, device: torch.d
               tile: int | None, manager: ModelManager) -> TilePlan:
     """Tile side, context, blend and batch for one pass: one call when the image fits (always for "global" models
     when memory allows); else the fewest tiles of near-equal size whose context is the receptive field."""
-    cfg = desc.config
-    align = int(cfg.get("align", 1))
+    facts: SpandrelFacts = desc.extra
+    align = facts.align
     context = int(desc.receptive_field or 0)
-    exact = bool(cfg.get("exact_tiles", False))
+    exact = facts.exact
     blend = 4 if exact else max(16, context // 2)
     bpp = scaled_bpp(desc.bytes_per_pixel, dtype)  # NNPACK's banded workspace is bounded: not counted
     budget = manager.activation_budget(desc)
@@ -224,8 +225,8 @@ def tile_plan(desc: ModelDescriptor, H: int, W: int, batch: int, device: torch.d
         max_pixels = float(tile * tile)
     else:
         max_pixels = max(budget / bpp, 1.0)
-        if device.type == "cpu" and cfg.get("scope") == "local":
-            max_pixels = min(max_pixels, CPU_TILE_PIXELS * 64 / max(1, cfg.get("features", 64)))
+        if device.type == "cpu" and facts.scope == "local":
+            max_pixels = min(max_pixels, CPU_TILE_PIXELS * 64 / max(1, facts.features))
     if H * W <= max_pixels and (tile is None or max(H, W) <= tile):
         per_call = bpp * H * W
         n = 1 if device.type == "cpu" else max(1, min(batch, int(budget // max(per_call, 1.0))))
@@ -237,5 +238,5 @@ def tile_plan(desc: ModelDescriptor, H: int, W: int, batch: int, device: torch.d
     n = 1 if device.type == "cpu" else max(1, int(budget // max(bpp * t * t, 1.0)))
     if desc.tiling in ("discouraged", "internal") or not exact:
         log.info("%s: tiling a %s model (%dpx tiles, context %d, blend %d); it may show faint seams",
-                 desc.architecture, cfg.get("scope", "?"), t, context, blend)
+                 desc.architecture, facts.scope, t, context, blend)
     return TilePlan(t, context, blend, align, n)

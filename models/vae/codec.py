@@ -28,17 +28,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .. import host
+from .. import budget, host
 from ..budget import call_budget, itemsize
 from ..descriptor import ModelDescriptor
 from ..errors import InputError, ModelPathError
 from ..image import MAX_SIDE, match_channels, pad_multiple, split_alpha
 from ..latents import seeded_normal, slerp_weights
 from ..manager import ModelManager, get_manager, placement
+from ..progress import interruptible
 from . import taesd
 from .facts import VAEFacts, Work
 
 log = logging.getLogger(__name__)
+RAM = torch.device("cpu")  # where decoded images and latents are gathered (memory guards)
 
 NNPACK_BYTES_PER_FEATURE = 18.0  # NNPACK's Winograd workspace per pixel and channel (models/upscale measured it)
 INTERPOLATIONS = ("slerp", "lerp")
@@ -224,7 +226,7 @@ def encode(vae: VAE, image: torch.Tensor, *, sample: bool = False, seed: int = 0
     def work(model: nn.Module) -> torch.Tensor:
         device, dtype = placement(model)
         plan = _work(desc, "encode", device, dtype, tile, manager)
-        with torch.no_grad(), _fast_convs(desc, model, device, dtype):
+        with torch.no_grad(), _fast_convs(desc, model, device, dtype), interruptible(model):  # Cancel between layers
             if tile is None and plan.bytes_per_pixel * x.shape[-2] * x.shape[-1] <= plan.call_bytes:
                 if vae.facts.gaussian:
                     return torch.cat([t.float().cpu() for t in model.moments(x.to(device, dtype))], dim=1)
@@ -255,12 +257,13 @@ def decode(vae: VAE, latent: torch.Tensor, *, size: tuple[int, int] | None = Non
                          f"{'; put its *_decoder file beside it' if vae.architecture == 'TAESD' else ''})")
     z = check_latent(vae, latent, name)
     f = vae.downscale
+    _require_images(vae, z.shape[0], z.shape[-2] * f, z.shape[-1] * f, f"VAE Decode: {name}")
     tile_latent = max(1, tile // f) if tile and vae.fixed_size is None else None
 
     def work(model: nn.Module) -> torch.Tensor:
         device, dtype = placement(model)
         plan = _work(desc, "decode", device, dtype, tile_latent, manager)
-        with torch.no_grad(), _fast_convs(desc, model, device, dtype):
+        with torch.no_grad(), _fast_convs(desc, model, device, dtype), interruptible(model):  # Cancel between layers
             one = plan.bytes_per_pixel * z.shape[-2] * z.shape[-1]
             if tile_latent is None and one * z.shape[0] <= plan.call_bytes:
                 return model.decode(z.to(device, dtype)).float().cpu()
@@ -291,7 +294,17 @@ def sample_prior(vae: VAE, batch: int, height: int, width: int, seed: int, tempe
         if min(height, width) < 1 or max(height, width) > MAX_SIDE:
             raise InputError(f"width/height: expected 1..{MAX_SIDE}, got {width}x{height}")
         h, w = math.ceil(height / vae.downscale), math.ceil(width / vae.downscale)
+    budget.require(budget.tensor_bytes(batch, vae.latent_channels, h, w) * 2,
+                   f"VAE Sample: {batch} latents for {width}x{height} images", RAM)
     return seeded_normal((batch, vae.latent_channels, h, w), seed) * float(temperature)
+
+
+def _require_images(vae: VAE, batch: int, height: int, width: int, what: str) -> None:
+    """The decoded batch in RAM twice (the result, the IMAGE the node hands on), float32: refused when it cannot fit."""
+    side = vae.fixed_size
+    H, W = (side, side) if side else (height, width)
+    budget.require(budget.tensor_bytes(batch, max(3, vae.image_channels), H, W) * 2,
+                   f"{what}: {batch} image(s) of {W}x{H}", RAM)
 
 
 # ------------------------------------------------------------------------------------------------------ interpolation
@@ -314,6 +327,8 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int, mode: str = "slerp
     if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
         raise InputError(f"latent_b: batch {b.shape[0]} cannot pair with latent_a's batch {a.shape[0]} (equal, or 1)")
     n = max(a.shape[0], b.shape[0])
+    budget.require(budget.tensor_bytes(n, steps, *a.shape[1:], dtype=torch.float64) * 2,
+                   f"Latent Interpolate: {n} x {steps} latents of {list(a.shape[1:])}", RAM)
     a, b = a.float().expand(n, *a.shape[1:]), b.float().expand(n, *b.shape[1:])
     t = torch.linspace(0, 1, steps, dtype=torch.float64)  # [S]
     fa, fb = slerp_weights(a.flatten(1).double(), b.flatten(1).double(), t, mode)  # [N,S] each

@@ -7,17 +7,14 @@ factors are recorded in `descriptor.config["known_latent_formats"]` for referenc
 
 Images are [B,3,H,W] in [0,1] on both sides (the model maps to and from [-1,1] inside, as ComfyUI's VAE does).
 
-GroupNorm statistics can be collected over a whole input and then reused (`collect_groupnorm_stats`,
-`fixed_groupnorm_stats`), so that a tiled decode normalises every tile exactly as the untiled decode would and
-colours do not drift between tiles.
+Tiled encoding and decoding is `kl_bands` (layer-synchronous bands with whole-image GroupNorm statistics, exact);
+this module's `GroupNorm` only accepts the statistics it supplies.
 """
 from __future__ import annotations
 
 import logging
 import re
-import weakref
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,6 +22,7 @@ import torch.nn.functional as F
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
+from . import kl_bands
 from .facts import VAEFacts, Work
 
 log = logging.getLogger(__name__)
@@ -39,7 +37,7 @@ _PREFIXES = ("", "first_stage_model.", "vae.")  # bare VAE files, full SD checkp
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GroupNorm with collectable / fixable statistics
+# Posterior draw; GroupNorm with fixable statistics
 # ---------------------------------------------------------------------------------------------------------------
 def draw(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A draw from the diagonal Gaussian posterior N(mean, exp(logvar)) (the reparameterisation of Kingma & Welling)."""
@@ -48,22 +46,18 @@ def draw(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | 
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and state-dict keys) whose statistics can be recorded or supplied.
+    """nn.GroupNorm (same parameters and state-dict keys) that can normalise with supplied statistics.
 
-    Normally it is F.group_norm. Inside `collect_groupnorm_stats` it also records per-sample, per-group mean and
-    variance; inside `fixed_groupnorm_stats` it normalises with the supplied mean/variance instead of its input's.
+    Normally it is F.group_norm. While `fixed_stats` holds a per-group (mean, variance) pair ([B,G] or [1,G]), it
+    normalises with those instead of its input's own: `kl_bands` sets them to whole-image statistics so that each band
+    is normalised exactly as the whole map would be.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, affine: bool = True) -> None:
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)
-        self.stats_sink: Callable[[torch.Tensor, torch.Tensor, int], None] | None = None  # (mean, var [B,G], count)
         self.fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, var) [B,G] or [1,G]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,C,H,W]
-        if self.stats_sink is not None:
-            grouped = x.float().reshape(x.shape[0], self.num_groups, -1)  # [B,G,n]
-            var, mean = torch.var_mean(grouped, dim=-1, correction=0)
-            self.stats_sink(mean, var, grouped.shape[-1])
         if self.fixed_stats is None:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return self._normalise_with(x, *self.fixed_stats)
@@ -72,8 +66,7 @@ class GroupNorm(nn.GroupNorm):
         b, c = x.shape[:2]
         if mean.shape[0] not in (1, b):
             raise InputError(
-                f"fixed GroupNorm statistics: collected for a batch of {mean.shape[0]}, applied to a batch of {b}; "
-                "use stats.select(indices) to map the batch to the images the statistics came from"
+                f"fixed GroupNorm statistics: expected a batch of 1 or {mean.shape[0]}, got a batch of {b}"
             )
         per = c // self.num_groups
         rstd = torch.rsqrt(var.to(x.device, torch.float32) + self.eps).repeat_interleave(per, dim=1)  # [B,C]
@@ -81,113 +74,6 @@ class GroupNorm(nn.GroupNorm):
         scale = rstd * self.weight.float() if self.affine else rstd
         shift = (self.bias.float() if self.affine else 0.0) - mean_c * scale
         return torch.addcmul(shift[:, :, None, None].to(x.dtype), x, scale[:, :, None, None].to(x.dtype))
-
-
-class GroupNormStats:
-    """Per-layer GroupNorm statistics, keyed by module name below the module they were collected on.
-
-    Accumulates sums in float64 over every call of `collect_groupnorm_stats` that is given it, so the statistics can
-    come from one full (or low-resolution) pass or be accumulated over tiles. `mean_var(name)` -> ([B,G], [B,G]).
-    """
-
-    def __init__(self) -> None:
-        self._sums: dict[str, list[torch.Tensor]] = {}  # name -> [sum, sum of squares, count] each [B,G] float64
-        self._root: weakref.ref[nn.Module] | None = None
-
-    def add(self, name: str, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        mean, var = mean.detach().double().cpu(), var.detach().double().cpu()
-        s, s2 = mean * count, (var + mean * mean) * count
-        if name not in self._sums:
-            self._sums[name] = [s, s2, torch.full_like(s, float(count))]
-            return
-        acc = self._sums[name]
-        if acc[0].shape != s.shape:
-            raise InputError(f"GroupNorm statistics for {name!r}: batch {s.shape[0]} differs from {acc[0].shape[0]}")
-        acc[0] += s
-        acc[1] += s2
-        acc[2] += count
-
-    def names(self) -> list[str]:
-        return list(self._sums)
-
-    def mean_var(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        s, s2, n = self._sums[name]
-        mean = s / n
-        var = (s2 / n - mean * mean).clamp_min(0)
-        return mean.float(), var.float()
-
-    def select(self, indices: list[int] | torch.Tensor) -> "GroupNormStats":
-        """Statistics for a batch made of rows `indices` of the collected batch (e.g. [0,0,1,1] for 2 tiles each)."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        out = GroupNormStats()
-        out._sums = {k: [t[idx] for t in v] for k, v in self._sums.items()}
-        out._root = self._root
-        return out
-
-
-def _groupnorms(module: nn.Module) -> dict[str, GroupNorm]:
-    plain = [n for n, m in module.named_modules() if isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm)]
-    if plain:
-        raise InputError(f"GroupNorm statistics: {plain[0]!r} is a plain nn.GroupNorm; expected {__name__}.GroupNorm")
-    return {n: m for n, m in module.named_modules() if isinstance(m, GroupNorm)}
-
-
-@torch.no_grad()
-def collect_groupnorm_stats(
-    model_part: nn.Module,
-    x: torch.Tensor,
-    fn: Callable[[torch.Tensor], Any] | None = None,
-    stats: GroupNormStats | None = None,
-) -> GroupNormStats:
-    """Run `fn(x)` (default `model_part(x)`) and record every GroupNorm's per-sample, per-group mean and variance.
-
-    Pass `stats` to accumulate over several calls (e.g. all tiles). Names are relative to `model_part`, so collect
-    and apply on the same module (e.g. `collect_groupnorm_stats(vae, z, fn=vae.decode)`).
-    """
-    stats = stats if stats is not None else GroupNormStats()
-    stats._root = weakref.ref(model_part)
-    layers = _groupnorms(model_part)
-    if not layers:
-        raise InputError(f"GroupNorm statistics: {type(model_part).__name__} has no GroupNorm layers")
-    for name, gn in layers.items():
-        gn.stats_sink = _sink(stats, name, gn)
-    try:
-        (fn or model_part)(x)
-    finally:
-        for gn in layers.values():
-            gn.stats_sink = None
-    return stats
-
-
-def _sink(stats: GroupNormStats, name: str, gn: GroupNorm) -> Callable[[torch.Tensor, torch.Tensor, int], None]:
-    def sink(mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        if gn.fixed_stats is None:  # while fixed, the layer's own statistics are not what it normalises with
-            stats.add(name, mean, var, count)
-
-    return sink
-
-
-@contextmanager
-def fixed_groupnorm_stats(stats: GroupNormStats, model_part: nn.Module | None = None) -> Iterator[None]:
-    """Within the block, every GroupNorm of `model_part` (default: the module the stats were collected on) that has
-    collected statistics normalises with them instead of its input's own; layers the collecting pass did not run
-    (e.g. the encoder's, when the decoder's were collected) stay as they are."""
-    root = model_part if model_part is not None else (stats._root() if stats._root is not None else None)
-    if root is None:
-        raise InputError("fixed_groupnorm_stats: the module the statistics were collected on is gone; pass model_part")
-    layers = {n: gn for n, gn in _groupnorms(root).items() if n in stats.names()}  # e.g. the decoder's only
-    if not layers:
-        raise InputError(
-            f"fixed_groupnorm_stats: none of the statistics' layers ({', '.join(stats.names()[:3])}, ...) is a "
-            f"GroupNorm of {type(root).__name__}; collect and apply on the same module"
-        )
-    try:
-        for name, gn in layers.items():
-            gn.fixed_stats = stats.mean_var(name)
-        yield
-    finally:
-        for gn in layers.values():
-            gn.fixed_stats = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,7 +110,10 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,C,H,W]
         b, c, h, w = x.shape
         hn = self.norm(x)
-        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q(hn), self.k(hn), self.v(hn)))  # [B,1,HW,C]
+        # contiguous q/k/v reach the memory-efficient kernel (strided ones fall back to one that materialises the
+        # (HW)^2 weights)
+        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for t in (self.q(hn), self.k(hn), self.v(hn)))
+        del hn
         a = F.scaled_dot_product_attention(q, k, v)  # [B,1,HW,C]
         a = a.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(a)
@@ -376,13 +265,9 @@ class AutoencoderKL(nn.Module):
     # GroupNorm statistics and whole-latent attention (within 1/255 of untiled).
 
     def encode_planned(self, x: torch.Tensor, work: Work) -> torch.Tensor:  # [B,C,H,W] -> [B,2c,h,w] CPU
-        from . import kl_bands  # it builds on this module
-
         return kl_bands.planned_moments(self, x, work)
 
     def decode_planned(self, z: torch.Tensor, work: Work) -> torch.Tensor:  # [B,c,h,w] -> [B,C,H,W] CPU
-        from . import kl_bands
-
         return kl_bands.planned_decode(self, z, work)
 
 
@@ -533,7 +418,7 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
         supports_half=False,  # the SD/SDXL VAEs overflow in fp16 (NaN); bf16 is fine
         supports_bfloat16=True,
         size_requirements=SizeRequirements(multiple_of=f),
-        tiling="supported",  # with fixed GroupNorm statistics; mid attention is global, so not exact
+        tiling="supported",  # exact through kl_bands: bands with whole-image GroupNorm statistics, mid block whole
         receptive_field=None,
         bytes_per_pixel=facts.decode_bytes_per_latent_pixel if decoder else facts.encode_bytes_per_pixel,
         config=config,

@@ -1,5 +1,5 @@
-"""Exact tiled encoding and decoding for KL autoencoders: every GroupNorm sees the whole image, convolutions run in
-bands.
+"""Exact tiled encoding and decoding for KL autoencoders (the modules of models/vae/kl.py, used by their names):
+every GroupNorm sees the whole image, convolutions run in bands.
 
 A KL autoencoder normalises with GroupNorm (statistics over the whole image) and attends over all latent positions in
 its middle block, so independent tiles change the result: core ComfyUI's tiled decode shows it as seams and colour
@@ -32,7 +32,6 @@ from .. import host
 from ..budget import fit_side
 from ..progress import Progress
 from ..tiling import tiled_apply
-from . import kl
 from .facts import Work
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ def _bands(length: int, rows: int, align: int = 1) -> list[tuple[int, int]]:
     return [(a, min(length, a + rows)) for a in range(0, length, rows)]
 
 
-def _stats(run: _Runner, gn: kl.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats(run: _Runner, gn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean and variance ([1,G] each) of a whole map, summed in float64 band by band."""
     g, c = gn.num_groups, x.shape[1]
     n = 0
@@ -119,7 +118,7 @@ def _stats(run: _Runner, gn: kl.GroupNorm, x: torch.Tensor) -> tuple[torch.Tenso
 
 
 @contextmanager
-def _fixed(gn: kl.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor]) -> Iterator[None]:
+def _fixed(gn: nn.Module, stats: tuple[torch.Tensor, torch.Tensor]) -> Iterator[None]:
     gn.fixed_stats = stats
     try:
         yield
@@ -127,26 +126,16 @@ def _fixed(gn: kl.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor]) -> Iterat
         gn.fixed_stats = None
 
 
-def _norm_act(gn: kl.GroupNorm) -> BandFn:
+def _norm_act(gn: nn.Module) -> BandFn:
     return lambda t: F.silu(gn(t), inplace=True)
 
 
 def _mid(mid: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The middle block on the whole latent [1,C,h,w]: as `mid(x)`, with attention through the memory-efficient
-    kernel (contiguous q/k/v; strided ones fall back to a kernel that materialises the (hw)^2 weights)."""
-    x = mid.block_1(x)
-    attn = mid.attn_1
-    if isinstance(attn, kl.AttnBlock):
-        b, c, h, w = x.shape
-        hn = attn.norm(x)
-        q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for t in (attn.q(hn), attn.k(hn), attn.v(hn)))
-        del hn
-        a = F.scaled_dot_product_attention(q, k, v)  # [1,1,hw,C]
-        x = x + attn.proj_out(a.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
-    return mid.block_2(x)
+    """The middle block on the whole latent [1,C,h,w] (its attention uses the memory-efficient kernel)."""
+    return mid(x)
 
 
-def _resblock(run: _Runner, blk: kl.ResnetBlock, x: torch.Tensor) -> torch.Tensor:
+def _resblock(run: _Runner, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`blk(x)` on a whole map [1,Cin,H,W] (store) -> [1,Cout,H,W] (store); x is reused or released."""
     c_out = blk.conv1.out_channels
     H, W = x.shape[-2:]
@@ -176,7 +165,7 @@ def _resblock(run: _Runner, blk: kl.ResnetBlock, x: torch.Tensor) -> torch.Tenso
     return h
 
 
-def _upsample(run: _Runner, up: kl.Upsample, x: torch.Tensor) -> torch.Tensor:
+def _upsample(run: _Runner, up: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Nearest 2x then a 3x3 convolution, band by band: [1,C,H,W] -> [1,C,2H,2W]."""
     C, H, W = x.shape[1:]
     out = run.empty(1, C, 2 * H, 2 * W)
@@ -186,7 +175,7 @@ def _upsample(run: _Runner, up: kl.Upsample, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _downsample(run: _Runner, down: kl.Downsample, x: torch.Tensor) -> torch.Tensor:
+def _downsample(run: _Runner, down: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Zero-pad right/bottom by one, 3x3 convolution with stride 2, band by band: [1,C,H,W] -> [1,C,H/2,W/2]."""
     C, H, W = x.shape[1:]
     out = run.empty(1, C, H // 2, W // 2)
@@ -220,7 +209,7 @@ def _with_fallback(fn: Callable[[torch.dtype], torch.Tensor | tuple], what: str)
 
 
 @torch.no_grad()
-def decode(model: kl.AutoencoderKL, z: torch.Tensor, *, device: torch.device, dtype: torch.dtype,
+def decode(model: nn.Module, z: torch.Tensor, *, device: torch.device, dtype: torch.dtype,
            band_bytes: int, progress: str | None = "decode") -> torch.Tensor:
     """Latent [B,c,h,w] -> image [B,C,h*f,w*f] in [0,1], float32 on z's device: `model.decode(z)` up to the float16
     rounding of the stored maps (measured on a full-size SD decoder: 0.06/255 mean, 0.7/255 at most)."""
@@ -257,7 +246,7 @@ def decode(model: kl.AutoencoderKL, z: torch.Tensor, *, device: torch.device, dt
 
 
 @torch.no_grad()
-def moments(model: kl.AutoencoderKL, x: torch.Tensor, *, device: torch.device, dtype: torch.dtype,
+def moments(model: nn.Module, x: torch.Tensor, *, device: torch.device, dtype: torch.dtype,
             band_bytes: int, progress: str | None = "encode") -> tuple[torch.Tensor, torch.Tensor]:
     """Image [B,C,H,W] in [0,1] (H, W multiples of the downscale) -> posterior (mean, logvar), each [B,c,H/f,W/f],
     float32 on x's device: `model.moments(x)` up to the float16 rounding of the stored maps."""
@@ -291,7 +280,7 @@ def moments(model: kl.AutoencoderKL, x: torch.Tensor, *, device: torch.device, d
     return mean, logvar.clamp(-30.0, 20.0)
 
 
-def storage_bytes(model: kl.AutoencoderKL, height: int, width: int, part: str, itemsize: int = 2) -> int:
+def storage_bytes(model: nn.Module, height: int, width: int, part: str, itemsize: int = 2) -> int:
     """Bytes of the whole maps `decode` (part="decode"; latent height/width) or `moments` (part="encode"; image
     height/width) keeps at once: the largest input + output pair of one level's first block (float16 maps by
     default), plus the float32 result."""
@@ -307,7 +296,7 @@ def storage_bytes(model: kl.AutoencoderKL, height: int, width: int, part: str, i
     return worst + int(result * 4)
 
 
-def fits(model: kl.AutoencoderKL, height: int, width: int, part: str, budget: int) -> bool:
+def fits(model: nn.Module, height: int, width: int, part: str, budget: int) -> bool:
     """Whether the whole maps of an exact banded pass fit `budget` bytes."""
     return storage_bytes(model, height, width, part) <= budget
 
@@ -315,7 +304,7 @@ def fits(model: kl.AutoencoderKL, height: int, width: int, part: str, budget: in
 # ---------------------------------------------------------------- the KL autoencoder's strategy (models/vae/facts.py)
 
 
-def planned_moments(model: kl.AutoencoderKL, x: torch.Tensor, work: Work) -> torch.Tensor:
+def planned_moments(model: nn.Module, x: torch.Tensor, work: Work) -> torch.Tensor:
     """Image [B,C,H,W] -> [B,2c,h,w] (mean, logvar) CPU: exact bands when their whole maps fit the storage budget;
     else independent tiles (GroupNorm per tile: colours may drift slightly), with a warning."""
     H, W = x.shape[-2:]
@@ -330,7 +319,7 @@ def planned_moments(model: kl.AutoencoderKL, x: torch.Tensor, work: Work) -> tor
                        blend=8 * f, align=f, max_batch=1, device=work.device, dtype=work.dtype, progress="encode")
 
 
-def planned_decode(model: kl.AutoencoderKL, z: torch.Tensor, work: Work) -> torch.Tensor:
+def planned_decode(model: nn.Module, z: torch.Tensor, work: Work) -> torch.Tensor:
     """Latent [B,c,h,w] -> image [B,C,h*f,w*f] CPU: exact bands when their whole maps fit the storage budget; else
     independent tiles (GroupNorm per tile: colours may drift between tiles), with a warning."""
     h, w = z.shape[-2:]

@@ -17,6 +17,7 @@ layout on encode. `decode` takes either layout.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
 from ..tiling import conv_receptive_radius, even_tile, tiled_apply
 from .facts import VAEFacts, Work
-from .kl import GroupNorm  # GroupNorm with collectable / fixable statistics (for tiled taef2)
+from .kl import GroupNorm  # nn.GroupNorm with the same keys (fixable statistics, unused here)
 
 log = logging.getLogger(__name__)
 
@@ -226,16 +227,6 @@ class TAESD(nn.Module):
         return out.clamp_(0, 1)
 
 
-def set_variant(desc: ModelDescriptor, variant: str) -> None:
-    """Give a loaded TAESD the latent scale/shift of `variant` (when its file name did not say which it is)."""
-    if variant not in VARIANTS:
-        raise InputError(f"TAESD variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
-    model = desc.model
-    model.variant = variant
-    model.vae_scale, model.vae_shift = VARIANTS[variant]
-    desc.config.update(variant=variant, variant_guessed=False, vae_scale=model.vae_scale, vae_shift=model.vae_shift)
-
-
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """[B,C,H,W] -> [B,4C,H/2,W/2], channel order c*4 + dy*2 + dx (ComfyUI/FLUX.2)."""
     b, c, h, w = z.shape
@@ -259,12 +250,14 @@ def merge_state_dicts(encoder_sd: dict | None, decoder_sd: dict | None) -> dict[
     return out
 
 
-def _kind_keys() -> dict[str, set[str]]:
-    """Expected state-dict keys of every network kind (built on the meta device: no memory, no init cost)."""
+@functools.lru_cache(maxsize=1)
+def _kind_keys() -> dict[str, frozenset[str]]:
+    """Expected state-dict keys of every network kind (built once, on the meta device: no memory; every detect of
+    any file asks, so the six networks are not rebuilt each time)."""
     with torch.device("meta"):
         nets = {"encoder": Encoder(), "encoder_pool": Encoder(pool=True), "encoder_f32": F32Encoder(),
                 "decoder": Decoder(), "decoder_pool": Decoder(pool=True), "decoder_f32": F32Decoder()}
-    return {k: set(n.state_dict()) for k, n in nets.items()}
+    return {k: frozenset(n.state_dict()) for k, n in nets.items()}
 
 
 def _split(sd: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]] | None:

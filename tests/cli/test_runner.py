@@ -243,3 +243,21 @@ def test_cli_run_and_errors(tmp_path, rgba, capsys):
     assert _files(out) == ["res_00001_.png"]
     assert main(["models", "inspect", str(tmp_path / "nothing.safetensors")]) == 1
     assert capsys.readouterr().err.startswith("atelier: error:")
+
+
+def test_example_inputs_resolve_as_in_comfyui(tmp_path):
+    """A plain name the input folder lacks is one of the pack's example inputs (workflows/input/), which ComfyUI's
+    input folder also has once the pack loaded: the same workflow file runs in both."""
+    import os
+
+    from atelier.cli.core_nodes import EXAMPLE_INPUTS, IOFolders, resolve_image_path
+    from atelier.models.errors import InputError
+
+    names = sorted(os.listdir(EXAMPLE_INPUTS))
+    assert names, "workflows/input/ ships no example input"
+    io = IOFolders(str(tmp_path), str(tmp_path / "out"), str(tmp_path / "stage"), str(tmp_path / "prev"))
+    assert resolve_image_path(names[0], io) == os.path.join(EXAMPLE_INPUTS, names[0])
+    (tmp_path / names[0]).write_bytes(b"the user's file wins")
+    assert resolve_image_path(names[0], io) == str(tmp_path / names[0])
+    with pytest.raises(InputError, match=r"image: no file 'sub/"):
+        resolve_image_path(f"sub/{names[0]}", io)  # only plain names fall back

@@ -63,6 +63,8 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "inpaint": (),
     "checkpoints": (),
     "diffusion_models": (),
+    "style": tuple(f"microast/{part}_iter_160000.pth.tar"  # MicroAST: the four parts side by side
+                   for part in ("content_encoder", "style_encoder", "modulator", "decoder")),
 }
 # Real weights shipped inside registry packages (installed --no-deps by .ci/setup; read as files, never imported),
 # under the names .ci/models gives them: (folder, package, file inside the package, name in the folder).

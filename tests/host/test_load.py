@@ -107,7 +107,7 @@ _RENDERED_FIELDS = ("input", "input_order", "output", "output_is_list", "output_
 def test_cli_interfaces_render_nodes_as_comfyui_does(comfy, pack_manager):
     """atelier.cli.interfaces renders /object_info without a server (for workflow checks and UI conversion):
     the real server is the reference, field by field, for every pack node and the built-in core subset."""
-    interfaces = pytest.importorskip("atelier.cli.interfaces")
+    from atelier.cli import interfaces
     classes, display = _pack_mappings()
     info = comfy.get_json("/object_info")
     diffs = {}

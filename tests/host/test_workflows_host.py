@@ -1,15 +1,17 @@
-"""Issue 2: every example workflow runs on a real ComfyUI, and gives what the headless runner gives.
+"""Issues 2 and 14: every example workflow runs unchanged on a real ComfyUI, and gives what the headless runner gives.
 
-Each workflow in workflows/ (its API twin `<name>.api.json` where there is one, else the canvas file converted by
-atelier.cli.workflow.load_workflow) is queued with POST /prompt, waited for on /history, its images fetched through
-/view; the same prompt is then run in this process by atelier.cli.runner.Runner on the same input files and model
-files. Both hosts run the same code on the same CPU, so the 8-bit outputs must agree to within 1/255.
+Each canvas workflow in workflows/ is queued exactly as the canvas queues it: the API prompt its UI converts to
+(which must equal its twin workflows/api/<name>.api.json), with the UI as extra_pnginfo, no value rewritten: input
+images are the ones a user's ComfyUI has (the pack copies its example inputs from workflows/input/ into the input
+folder when it loads; ComfyUI's own example.png). Waited for on /history, its images fetched through /view; the same
+prompt then runs in this process through atelier.cli.runner.Runner with the input folder `atelier run` uses by
+default (the workflow's folder, then the pack's example inputs). Both hosts run the same code on the same CPU, so the
+8-bit outputs must agree to within 1/255.
 """
 from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 
 import numpy as np
 import pytest
@@ -19,20 +21,19 @@ pytestmark = pytest.mark.host
 REPO = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
 MAX_DIFF = 1  # in 8-bit levels: 1/255
-IMAGE_LOADERS = ("LoadImage", "LoadImageMask")
+EXAMPLE_INPUTS = WORKFLOWS / "input"
 # Core nodes the embedded runner lacks -> the pack node doing the same job, for the headless side only (the model
 # then comes from our loader, so the comparison also checks that a core-loaded model gives what ours gives).
 HEADLESS_SUBSTITUTES = {"UpscaleModelLoader": "AtelierLoadUpscaler"}
 
 
 def _cases() -> list[tuple[str, pathlib.Path | None, pathlib.Path | None]]:
-    """(name, API file or None, UI file or None) per workflow."""
+    """(name, API twin or None, canvas file or None) per workflow: canvas files in workflows/, twins in workflows/api/."""
     found: dict[str, dict[str, pathlib.Path]] = {}
     for f in sorted(WORKFLOWS.glob("*.json")) if WORKFLOWS.is_dir() else []:
-        if f.name.endswith(".api.json"):
-            found.setdefault(f.name[: -len(".api.json")], {})["api"] = f
-        else:
-            found.setdefault(f.stem, {})["ui"] = f
+        found.setdefault(f.stem, {})["ui"] = f
+    for f in sorted((WORKFLOWS / "api").glob("*.api.json")) if (WORKFLOWS / "api").is_dir() else []:
+        found.setdefault(f.name[: -len(".api.json")], {})["api"] = f
     return [(name, d.get("api"), d.get("ui")) for name, d in sorted(found.items())]
 
 
@@ -46,49 +47,21 @@ def _params():
 def _convert(comfy, ui_file: pathlib.Path) -> tuple[dict, dict | None]:
     """A canvas workflow -> (API prompt, UI) by atelier.cli.workflow, with the real server's /object_info as the
     node interfaces (the widget order that matters is the one the real host has)."""
-    workflow = pytest.importorskip("atelier.cli.workflow")
+    from atelier.cli import workflow
     ifaces = workflow.Interfaces(comfy.object_info, source="the ComfyUI under test")
     return workflow.load_workflow(ui_file, ifaces)
 
 
 def _load(comfy, case) -> tuple[dict, dict | None]:
+    """What the canvas queues for the file (its UI converted with the server's interfaces), else the API twin."""
     name, api_file, ui_file = case
-    ui = None
     if ui_file is not None:
-        api, ui = _convert(comfy, ui_file)
-    if api_file is not None:
-        api = json.loads(api_file.read_text(encoding="utf-8"))  # the twin is what /prompt takes, verbatim
-    return api, ui
+        return _convert(comfy, ui_file)
+    return json.loads(api_file.read_text(encoding="utf-8")), None
 
 
 def _plain_prompt(api: dict) -> dict:
     return {str(nid): {"class_type": n["class_type"], "inputs": n.get("inputs", {})} for nid, n in api.items()}
-
-
-def _stage_inputs(comfy, name: str, api: dict) -> dict:
-    """Copies every image a loader node names (relative to workflows/, as the CLI reads them) into ComfyUI's input
-    directory under one flat name, and points the prompt there (both hosts then read the same file)."""
-    api = {nid: {**node, "inputs": dict(node.get("inputs", {}))} for nid, node in api.items()}
-    for nid, node in api.items():
-        if node.get("class_type") not in IMAGE_LOADERS:
-            continue
-        value = node["inputs"].get("image")
-        if not isinstance(value, str):
-            continue  # a link, or nothing
-        src = pathlib.Path(value).expanduser()
-        src = src if src.is_absolute() else WORKFLOWS / src
-        if not src.is_file():
-            src = comfy.input_dir / value  # already staged
-        if not src.is_file():
-            src = comfy.comfy_dir / "input" / value  # a stock ComfyUI input (example.png)
-        if not src.is_file():
-            pytest.fail(f"workflow {name}: node {nid} ({node['class_type']}) reads {value!r}, "
-                        "which is not in workflows/")
-        flat = f"{name}__{nid}__{src.name}"
-        if not (comfy.input_dir / flat).exists():
-            shutil.copyfile(src, comfy.input_dir / flat)
-        node["inputs"]["image"] = flat
-    return api
 
 
 def _ancestors(api: dict, nid: str, seen: set | None = None) -> set:
@@ -131,28 +104,10 @@ def _runner_images(result, out_dir: pathlib.Path, preview_dir: pathlib.Path) -> 
     return images
 
 
-def _missing_models(comfy, api: dict) -> list[str]:
-    """Model files a loader names that the test's models root lacks (e.g. big-lama.pt, an SD checkpoint: no real
-    LaMa or diffusion weights can be had on the test machines)."""
-    missing = []
-    for node in api.values():
-        spec = comfy.object_info.get(node.get("class_type"), {}).get("input", {})
-        for name, value in node.get("inputs", {}).items():
-            decl = spec.get("required", {}).get(name) or spec.get("optional", {}).get(name)
-            if (name.endswith("_name") and isinstance(value, str) and decl and isinstance(decl[0], list)
-                    and value not in decl[0]):
-                missing.append(f"{node['class_type']}.{name}={value}")
-    return missing
-
-
 @pytest.mark.parametrize("case", _params())
 def test_workflow_runs_on_comfyui_as_headless(case, comfy, pack_manager, tmp_path):
     name = case[0]
-    api, ui = _load(comfy, case)
-    api = _stage_inputs(comfy, name, api)
-    missing = _missing_models(comfy, api)
-    if missing:
-        pytest.skip(f"workflow {name} needs model files this machine does not have: {', '.join(missing)}")
+    api, ui = _load(comfy, case)  # verbatim: what the canvas queues for this file
 
     entry = comfy.run(api, ui)
     served = dict(comfy.image_arrays(entry))
@@ -162,18 +117,19 @@ def test_workflow_runs_on_comfyui_as_headless(case, comfy, pack_manager, tmp_pat
     from atelier.cli.runner import Runner
 
     out_dir, preview_dir = tmp_path / "out", tmp_path / "preview"
-    runner = Runner(output_dir=str(out_dir), input_dir=str(comfy.input_dir), preview_dir=str(preview_dir))
+    input_dir = str(WORKFLOWS)  # `atelier run workflows/<name>.json` reads inputs from the workflow's folder
+    runner = Runner(output_dir=str(out_dir), input_dir=input_dir, preview_dir=str(preview_dir))
     output_nodes = {k for k, v in comfy.object_info.items() if v.get("output_node")}
     api_headless, dropped = _headless_part(api, set(runner.classes), output_nodes)
     if not api_headless:
         pytest.skip(f"workflow {name} ran on ComfyUI; none of its outputs can run headless ({dropped})")
     try:
-        runner.prepare(api_headless, str(comfy.input_dir))
+        runner.prepare(api_headless, input_dir)
     except WorkflowError as e:
         if "embedded runner does not provide" in str(e):
             pytest.skip(f"workflow {name} ran on ComfyUI; no headless comparison: {e}")
         raise
-    result = runner.run(api_headless, ui, input_dir=str(comfy.input_dir))
+    result = runner.run(api_headless, ui, input_dir=input_dir)
     headless = _runner_images(result, out_dir, preview_dir)
 
     served = {k: v for k, v in served.items() if k.split(":")[0] in api_headless}  # outputs both hosts ran
@@ -203,3 +159,17 @@ def test_canvas_workflow_converts_to_its_api_twin(case, comfy):
     twin = json.loads(api_file.read_text(encoding="utf-8"))
     assert _plain_prompt(converted) == _plain_prompt(twin), \
         f"{ui_file.name} converts to another graph than {api_file.name}"
+
+
+def test_pack_provides_its_example_inputs(comfy):
+    """The pack copied workflows/input/* into ComfyUI's input folder when it loaded (a stock install then has every
+    image the examples load), said so in the log, and Load Image lists them (its menu shows top-level files only)."""
+    shipped = sorted(p for p in EXAMPLE_INPUTS.glob("*") if p.is_file()) if EXAMPLE_INPUTS.is_dir() else []
+    if not shipped:
+        pytest.skip("workflows/input/ ships no example input")
+    choices = comfy.object_info["LoadImage"]["input"]["required"]["image"][0]
+    for src in shipped:
+        dst = comfy.input_dir / src.name
+        assert dst.is_file() and dst.read_bytes() == src.read_bytes(), f"{src.name} was not copied into {comfy.input_dir}"
+        assert src.name in choices, f"Load Image does not list {src.name}: {choices}"
+    assert "added the example input image(s)" in comfy.log_text(), "the copy was not announced in the log"

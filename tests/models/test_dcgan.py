@@ -11,24 +11,16 @@ import pathlib
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from atelier.models.errors import InputError
 from atelier.models.gan import dcgan, mlp, pix2pix
 from atelier.models.loading import read_state_dict
 from atelier.models.registry import detect
-from helpers_packages import package_file, package_module  # tests/ is on pytest's pythonpath
+from harness import check_roundtrip, load_file  # tests/ is on pytest's pythonpath
+from helpers_packages import package_file, package_module
 
 TOL = 1e-5
-
-
-def roundtrip(tmp_path: pathlib.Path, sd: dict, metadata: dict | None = None):
-    """Save with safetensors, read back through the pack's reader, detect through the registry."""
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
-    sd2, meta = read_state_dict(path)
-    return detect(sd2, meta, str(path))
 
 
 def randomise_bn(model: nn.Module) -> None:
@@ -130,36 +122,34 @@ class EmbeddingGenerator(nn.Module):
 def test_small_dcgan_32px_greyscale(tmp_path):
     ref = TutorialGenerator(nz=16, ngf=8, nc=1, n_up=3).eval()
     randomise_bn(ref)
-    desc = roundtrip(tmp_path, ref.state_dict())
-    g = desc.model
-    assert desc.architecture == "DCGAN"
-    assert (g.z_dim, g.c_dim, g.img_resolution, g.img_channels) == (16, 0, 32, 1)
-    assert desc.config["channels"] == [16, 32, 16, 8, 1]
     z = torch.randn(5, 16)
     with torch.no_grad():
-        assert (g(z) - ref(z)).abs().max().item() <= TOL
+        expected = ref(z)
+    check_roundtrip(tmp_path, ref.state_dict(), run=lambda g: g(z), expected=expected, folder="gans", family="gan",
+                    tol=TOL, facts={"architecture": "DCGAN", "model.z_dim": 16, "model.c_dim": 0,
+                                    "model.img_resolution": 32, "model.img_channels": 1,
+                                    "config.channels": [16, 32, 16, 8, 1]})
 
 
 def test_dcgan_with_biases_and_rgba(tmp_path):
     ref = TutorialGenerator(nz=20, ngf=4, nc=4, n_up=2, bias=True).eval()
     randomise_bn(ref)
-    g = roundtrip(tmp_path, ref.state_dict()).model
-    assert (g.img_resolution, g.img_channels) == (16, 4)
     z = torch.randn(3, 20)
     with torch.no_grad():
-        assert (g(z) - ref(z)).abs().max().item() <= TOL
+        expected = ref(z)
+    check_roundtrip(tmp_path, ref.state_dict(), run=lambda g: g(z), expected=expected, tol=TOL,
+                    facts={"model.img_resolution": 16, "model.img_channels": 4})
 
 
 def test_embedding_conditional_dcgan(tmp_path):
     ref = EmbeddingGenerator(nz=12, classes=5, embed=6, ngf=4, nc=3).eval()
     randomise_bn(ref)
-    desc = roundtrip(tmp_path, ref.state_dict())
-    g = desc.model
-    assert (g.z_dim, g.c_dim, g.img_resolution, desc.config["conditioning"]) == (12, 5, 32, "embedding")
     z, labels = torch.randn(10, 12), torch.arange(10) % 5
     with torch.no_grad():
-        ours = g(z, torch.nn.functional.one_hot(labels, 5).float())
-        assert (ours - ref(z, labels)).abs().max().item() <= TOL
+        expected = ref(z, labels)
+    check_roundtrip(tmp_path, ref.state_dict(), run=lambda g: g(z, torch.nn.functional.one_hot(labels, 5).float()),
+                    expected=expected, tol=TOL, facts={"model.z_dim": 12, "model.c_dim": 5, "model.img_resolution": 32,
+                                                       "config.conditioning": "embedding"})
 
 
 def test_onehot_split_from_metadata_overrides_the_guess(tmp_path):
@@ -171,19 +161,19 @@ def test_onehot_split_from_metadata_overrides_the_guess(tmp_path):
 
     ref = Concat(nz=35, ngf=4, nc=3, n_up=2).eval()
     randomise_bn(ref)
-    guessed = roundtrip(tmp_path, ref.state_dict())
+    guessed = load_file(tmp_path, ref.state_dict(), fmt="pth")  # a .pth file carries no metadata
     assert (guessed.model.z_dim, guessed.model.c_dim, guessed.config["c_dim_source"]) == (32, 3, "guessed")
-    desc = roundtrip(tmp_path, ref.state_dict(), {"config": json.dumps({"z_dim": 30, "c_dim": 5})})
-    g = desc.model
-    assert (g.z_dim, g.c_dim, desc.config["c_dim_source"]) == (30, 5, "metadata")
     z, c = torch.randn(5, 30), torch.eye(5)
     with torch.no_grad():
-        assert (g(z, c) - ref(z, c)).abs().max().item() <= TOL
+        expected = ref(z, c)
+    check_roundtrip(tmp_path, ref.state_dict(), run=lambda g: g(z, c), expected=expected, tol=TOL,
+                    formats=["safetensors"], metadata={"config": json.dumps({"z_dim": 30, "c_dim": 5})},
+                    facts={"model.z_dim": 30, "model.c_dim": 5, "config.c_dim_source": "metadata"})
 
 
 def test_truncation_scales_z_and_inputs_are_checked(tmp_path):
     ref = TutorialGenerator(nz=16, ngf=4, nc=3, n_up=2).eval()
-    g = roundtrip(tmp_path, ref.state_dict()).model
+    g = load_file(tmp_path, ref.state_dict()).model
     z = torch.randn(4, 16)
     with torch.no_grad():
         assert (g(z, truncation_psi=0.5) - ref(0.5 * z)).abs().max().item() <= TOL
@@ -196,10 +186,10 @@ def test_truncation_scales_z_and_inputs_are_checked(tmp_path):
         g(torch.randn(4, 15))
     with pytest.raises(InputError, match="unconditional"):
         g(z, torch.eye(4))
-    cond = roundtrip(tmp_path, EmbeddingGenerator(8, 3, 4, 4, 3).state_dict()).model
+    cond = load_file(tmp_path, EmbeddingGenerator(8, 3, 4, 4, 3).state_dict(), name="cond").model
     with pytest.raises(InputError, match="class-conditional"):
         cond(torch.randn(2, 8))
-    with pytest.raises(InputError, match=r"c: expected one-hot \[2,3\]"):
+    with pytest.raises(InputError, match=r"c: expected \[2,3\] \(one-hot\)"):
         cond(torch.randn(2, 8), torch.eye(4)[:2])
 
 

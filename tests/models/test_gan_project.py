@@ -105,27 +105,26 @@ def test_prepare_target_crops_resizes_and_says_so():
         P.prepare_target(torch.rand(3, 8, 8), 8, 3)
 
 
-def test_projection_reports_progress_and_stops_on_interrupt(manager, monkeypatch):
+def test_projection_reports_progress_and_stops_on_interrupt(manager):
     faces = add_model(manager, package_file("gan_face_generate", "weights.tar"), "faces.tar")
     target = S.sample(manager, faces, S.make_latent(manager, faces, 5, 1), truncation_psi=1.0)
     seen: list[int] = []
     P.project(manager, faces, target, steps=4, starts=4, restarts=2, callback=lambda s, loss: seen.append(s))
     assert seen == [0, 1, 2, 3]
 
-    class Interrupted(Exception):
-        pass
+    from atelier.models.errors import Interrupted
 
-    calls = {"n": 0}
+    def cancel_at_two(step: int, loss: float) -> None:  # the user presses Cancel while step 2 is reported
+        seen.append(step)
+        if step == 2:
+            host.request_interrupt()
 
-    def interrupt_after_three():
-        calls["n"] += 1
-        if calls["n"] > 3:  # __enter__ + 2 updates pass, the third update raises
-            raise Interrupted()
-
-    monkeypatch.setattr(host, "throw_if_interrupted", interrupt_after_three)
     seen.clear()
-    with pytest.raises(Interrupted):
-        P.project(manager, faces, target, steps=50, starts=4, restarts=1, callback=lambda s, loss: seen.append(s))
+    try:
+        with pytest.raises(Interrupted):
+            P.project(manager, faces, target, steps=50, starts=4, restarts=1, callback=cancel_at_two)
+    finally:
+        host.clear_interrupt()
     assert seen == [0, 1, 2]
 
 

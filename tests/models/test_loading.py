@@ -71,7 +71,7 @@ def test_unsafe_error_names_the_global(tmp_path):
 
 def test_malicious_file_through_cli_inspect_does_not_run(tmp_path):
     """The same refusal through `atelier models inspect` in a fresh process (no payload runs there either)."""
-    pytest.importorskip("atelier.cli.main")
+    import atelier.cli.main  # noqa: F401  (a broken import of the pack fails here, not as a skip)
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
     _write_torch_zip(path, {"w": torch.zeros(1), "p": _Payload(os.system, f"touch {marker}")})
@@ -144,3 +144,25 @@ def test_safetensors_metadata_json(tmp_path):
     save_file({"w": torch.ones(1)}, path, metadata={"init_kwargs": '{"z_dim": 4}', "note": "hi"})
     _sd, meta = loading.read_state_dict(path)
     assert meta["init_kwargs"] == {"z_dim": 4} and meta["note"] == "hi"
+
+
+@pytest.mark.parametrize("ext", [".pth", ".tar", ".ckpt", ".pkl", ".safetensors"])
+@pytest.mark.parametrize("text", ["a", "README\n======\n", "<html><body>404 Not Found</body></html>", ")"])
+def test_text_file_renamed_as_a_model_names_the_file(tmp_path, ext, text):
+    """A note or a download page saved under a model's name: one ModelLoadError naming the file (issue 16: some
+    texts gave a bare `IndexError: pop from empty list` from the unpickler)."""
+    p = tmp_path / f"notes{ext}"
+    p.write_text(text)
+    with pytest.raises(ModelLoadError, match=rf"'notes{ext}' is a text file, not a model") as err:
+        loading.read_state_dict(p)
+    assert text.strip().splitlines()[0][:20] in str(err.value)
+
+
+def test_text_file_through_cli_inspect_is_one_line(tmp_path):
+    import atelier.cli.main  # noqa: F401  (a broken import of the pack fails here, not as a skip)
+    p = tmp_path / "model.tar"
+    p.write_text("e\n")
+    r = subprocess.run([sys.executable, "-m", "atelier", "models", "inspect", str(p)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "'model.tar' is a text file" in r.stderr, r.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import types
 
@@ -166,9 +167,27 @@ def test_ram_cache_evicts_least_recently_used(models_root, fake_detector):
     assert m.cached() == []
 
 
-def test_process_wide_manager_is_lazy(monkeypatch):
-    monkeypatch.setattr(mgr, "_MANAGER", None)
-    assert mgr.get_manager() is mgr.get_manager()
+def test_process_wide_manager_is_created_on_first_use_and_replaceable(monkeypatch, tmp_path):
+    monkeypatch.setattr(mgr, "_MANAGER", None)  # restored afterwards
+    monkeypatch.setenv(mgr.ENV_MODELS, str(tmp_path))
+    first = mgr.get_manager()
+    assert isinstance(first, mgr.ModelManager) and first.models_root == str(tmp_path)
+    assert mgr.get_manager() is first
+    other = mgr.ModelManager(str(tmp_path / "other"), device=torch.device("cpu"))
+    mgr.set_manager(other)
+    assert mgr.get_manager() is other
+    mgr.set_manager(None)
+    fresh = mgr.get_manager()
+    assert fresh is not first and fresh is not other
+
+
+def test_importing_the_pack_creates_no_manager():
+    """Nothing at import: the pack (nodes, folder registration) imported in a fresh process leaves no manager."""
+    code = ("import torch, atelier, atelier.models.manager as m; "
+            "assert m._MANAGER is None, 'a manager was created at import'; "
+            "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_outward_links_are_not_offered(manager, models_root, tmp_path):
@@ -177,3 +196,86 @@ def test_outward_links_are_not_offered(manager, models_root, tmp_path):
     os.symlink(outside, models_root / "upscale_models" / "link.safetensors")
     _toy(models_root / "upscale_models" / "real.safetensors")
     assert manager.list_models("upscale_models") == ["real.safetensors"]
+
+
+class _FakeComfy:
+    """Stands in for ComfyUI's memory manager in models/host.py: patchers with an ON_DETACH hook, a loaded list,
+    and `unload_all` doing what comfy.model_management.unload_all_models does to each loaded patcher (detach)."""
+
+    def __init__(self, monkeypatch):
+        self.loaded: list = []
+        self.made = 0
+        monkeypatch.setattr(mgr.host, "available", lambda: True)
+        monkeypatch.setattr(mgr.host, "make_patcher", self.make_patcher)
+        monkeypatch.setattr(mgr.host, "load_patchers", self.load_patchers)
+        monkeypatch.setattr(mgr.host, "unload_patcher", self.unload_patcher)
+
+    def make_patcher(self, module, load_device, offload, on_detach=None):
+        self.made += 1
+        return types.SimpleNamespace(model=module, detach=on_detach or (lambda: None))
+
+    def load_patchers(self, patchers, memory_required):
+        self.loaded += [p for p in patchers if p not in self.loaded]
+
+    def unload_patcher(self, patcher):
+        if patcher in self.loaded:
+            self.loaded.remove(patcher)
+        patcher.detach()
+
+    def unload_all(self):
+        while self.loaded:
+            self.loaded.pop().detach()
+
+
+def test_host_unload_releases_the_ram_cache(manager, models_root, fake_detector, monkeypatch):
+    """When ComfyUI unloads our patcher ("Unload models"), the manager stops holding the model: with nothing else
+    holding it, it is garbage-collected and the next load reads the file again."""
+    import gc
+    import weakref
+
+    comfy = _FakeComfy(monkeypatch)
+    _toy(models_root / "upscale_models" / "t.safetensors")
+    desc = manager.load("t.safetensors", "upscale_models")
+    manager.run(desc, lambda model: model(torch.zeros(1, 3)))
+    assert len(comfy.loaded) == 1
+    alive = weakref.ref(desc.model)
+    del desc
+    comfy.unload_all()
+    gc.collect()
+    assert alive() is None, "the manager still holds the model ComfyUI unloaded"
+    assert manager.cached() == [] and manager.released() == []
+    again = manager.load("t.safetensors", "upscale_models")
+    assert fake_detector.calls == 2 and again.architecture == "Toy"  # read from disk again
+
+
+def test_host_unload_keeps_a_model_a_node_output_still_holds(manager, models_root, fake_detector, monkeypatch):
+    """A descriptor still held elsewhere (ComfyUI's execution cache) is reused, not read again, and runs again
+    through a fresh patcher; our own unload(forget=False) does not count as ComfyUI's decision."""
+    comfy = _FakeComfy(monkeypatch)
+    _toy(models_root / "upscale_models" / "t.safetensors")
+    desc = manager.load("t.safetensors", "upscale_models")
+    manager.run(desc, lambda model: model(torch.zeros(1, 3)))
+    manager.unload(desc)  # ours: stays cached
+    assert manager.cached() == [desc] and comfy.loaded == []
+    manager.run(desc, lambda model: model(torch.zeros(1, 3)))
+    comfy.unload_all()
+    assert manager.cached() == [] and manager.released() == [desc]
+    out = manager.run(desc, lambda model: model(torch.zeros(1, 3)))  # the cached node output used again
+    assert out.shape == (1, 2) and manager.cached() == [desc] and len(comfy.loaded) == 1
+    assert manager.load("t.safetensors", "upscale_models") is desc and fake_detector.calls == 1
+    assert comfy.made == 2  # a new patcher for the revived entry
+
+
+def test_host_model_read_but_never_run_is_not_held(manager, models_root, fake_detector, monkeypatch):
+    """Inside ComfyUI a model a loader read but no node ran (a failed consumer) lives only as long as its output."""
+    import gc
+    import weakref
+
+    _FakeComfy(monkeypatch)
+    _toy(models_root / "upscale_models" / "t.safetensors")
+    desc = manager.load("t.safetensors", "upscale_models")
+    assert manager.load("t.safetensors", "upscale_models") is desc and fake_detector.calls == 1
+    alive = weakref.ref(desc.model)
+    del desc
+    gc.collect()
+    assert alive() is None and manager.cached() == []

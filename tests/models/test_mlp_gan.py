@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import pathlib
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from atelier.models.errors import InputError
@@ -14,18 +12,11 @@ from atelier.models.gan.mlp import MLPGenerator
 from atelier.models.loading import read_state_dict
 from atelier.models.registry import detect
 
-
 import helpers_mnist  # tests/ is on pytest's pythonpath
+from harness import check_roundtrip
 
 TOL = 1e-5
 CONFIDENCE_GOAL = 0.95  # reference implementation: 0.979 on 1000 samples
-
-
-def roundtrip(tmp_path: pathlib.Path, sd: dict, metadata: dict | None = None):
-    path = tmp_path / "g.safetensors"
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
-    sd2, meta = read_state_dict(path)
-    return detect(sd2, meta, str(path))
 
 
 def test_mnist_mlp_digits_are_classified_confidently(shared_dir):
@@ -60,14 +51,14 @@ def test_rgb_mlp_with_prefix_equals_reference(tmp_path):
     ref = nn.Module()
     ref.main = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 3 * side * side),
                              nn.Tanh())
-    desc = roundtrip(tmp_path, ref.state_dict())
-    g = desc.model
-    assert desc.architecture == "MLP GAN"
-    assert (g.z_dim, g.img_channels, g.img_resolution) == (16, 3, side)
     z = torch.randn(7, 16)
     with torch.no_grad():
         want = ref.main(z).view(7, 3, side, side)
-        assert (g(z) - want).abs().max().item() <= TOL
+    desc = check_roundtrip(tmp_path, ref.state_dict(), run=lambda g: g(z), expected=want, family="gan", tol=TOL,
+                           facts={"architecture": "MLP GAN", "model.z_dim": 16, "model.img_channels": 3,
+                                  "model.img_resolution": side})
+    g = desc.model
+    with torch.no_grad():
         assert (g(z, truncation_psi=0.7) - ref.main(0.7 * z).view(7, 3, side, side)).abs().max().item() <= TOL
         assert (g(z, unit=True) - (want + 1) / 2).abs().max().item() <= TOL  # the head's sigmoid(2x) mapping
 
@@ -75,12 +66,15 @@ def test_rgb_mlp_with_prefix_equals_reference(tmp_path):
 def test_metadata_conditioning_and_sigmoid_output(tmp_path):
     ref = nn.Sequential(nn.Linear(14, 40), nn.ReLU(), nn.Linear(40, 100, bias=False), nn.Sigmoid())
     meta = {"config": json.dumps({"z_dim": 10, "c_dim": 4, "output_activation": "sigmoid"})}
-    desc = roundtrip(tmp_path, ref.state_dict(), meta)
-    g = desc.model
-    assert (g.z_dim, g.c_dim, g.img_resolution, g.output_range) == (10, 4, 10, (0.0, 1.0))
     z, c = torch.randn(4, 10), torch.eye(4)
     with torch.no_grad():
-        assert (g(z, c) - ref(torch.cat([z, c], 1)).view(4, 1, 10, 10)).abs().max().item() <= TOL
+        expected = ref(torch.cat([z, c], 1)).view(4, 1, 10, 10)
+    desc = check_roundtrip(tmp_path, ref.state_dict(), run=lambda g: g(z, c), expected=expected, tol=TOL,
+                           formats=["safetensors"], metadata=meta,
+                           facts={"model.z_dim": 10, "model.c_dim": 4, "model.img_resolution": 10,
+                                  "model.output_range": (0.0, 1.0)})
+    g = desc.model
+    with torch.no_grad():
         assert torch.equal(g(z, c, unit=True), g(z, c))  # a sigmoid head is in [0,1] already
     with pytest.raises(InputError, match="class-conditional"):
         g(z)

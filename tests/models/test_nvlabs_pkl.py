@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from atelier.models import loading, registry
 from atelier.models.errors import InputError, ModelLoadError, UnsafeFileError
-from atelier.models.gan.nvlabs_pkl import export_safetensors, read_nvlabs_pkl
+from atelier.models.nvlabs_pkl import export_safetensors, read_nvlabs_pkl
 
 TOL = 1e-4
 BUFFERS = {"w_avg", "resample_filter", "noise_const", "magnitude_ema", "up_filter", "down_filter", "transform",

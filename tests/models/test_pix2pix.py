@@ -3,26 +3,18 @@ reference classes built here; receptive field and tiling properties."""
 from __future__ import annotations
 
 import functools
-import pathlib
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from atelier.models.errors import InputError
 from atelier.models.loading import read_state_dict
 from atelier.models.registry import detect
-from helpers_packages import package_file, package_module  # tests/ is on pytest's pythonpath
+from harness import check_roundtrip, load_file  # tests/ is on pytest's pythonpath
+from helpers_packages import package_file, package_module
 
 TOL = 1e-5
-
-
-def roundtrip(tmp_path: pathlib.Path, sd: dict):
-    path = tmp_path / "g.safetensors"
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    sd2, meta = read_state_dict(path)
-    return detect(sd2, meta, str(path))
 
 
 def randomise_norms(model: nn.Module) -> nn.Module:
@@ -174,28 +166,25 @@ def test_vintagify_cyclegan_equals_package_model():
 )
 def test_resnet_generator_layouts(tmp_path, norm, padding, dropout, n_blocks, in_nc, out_nc, expect_norm):
     ref = randomise_norms(RefResnetGenerator(in_nc, out_nc, 4, norm, dropout, n_blocks, padding))
-    desc = roundtrip(tmp_path, ref.state_dict())
-    cfg = desc.config
-    assert desc.architecture == "ResnetGenerator"
-    assert (cfg["n_blocks"], cfg["norm"], cfg["dropout"], cfg["ngf"]) == (n_blocks, expect_norm, dropout, 4)
-    assert cfg["padding"] == padding and cfg["block_attr"] == "conv_block"
-    assert (desc.in_channels, desc.out_channels) == (in_nc, out_nc)
     x = torch.rand(2, in_nc, 36, 44) * 2 - 1
     with torch.no_grad():
-        assert (desc.model(x) - ref(x)).abs().max().item() <= TOL
+        expected = ref(x)
+    check_roundtrip(tmp_path, ref.state_dict(), run=lambda m: m(x), expected=expected, family="gan", tol=TOL,
+                    facts={"architecture": "ResnetGenerator", "config.n_blocks": n_blocks, "config.norm": expect_norm,
+                           "config.dropout": dropout, "config.ngf": 4, "config.padding": padding,
+                           "config.block_attr": "conv_block", "in_channels": in_nc, "out_channels": out_nc})
 
 
 @pytest.mark.parametrize("num_downs,norm,expect_norm", [(7, BATCH, "batch"), (5, INSTANCE, "instance")])
 def test_unet_generator(tmp_path, num_downs, norm, expect_norm):
     ref = randomise_norms(RefUnetGenerator(3, 3, num_downs, ngf=4, norm_layer=norm, use_dropout=True))
-    desc = roundtrip(tmp_path, ref.state_dict())
-    assert desc.architecture == "UnetGenerator"
-    assert (desc.config["num_downs"], desc.config["ngf"], desc.config["norm"]) == (num_downs, 4, expect_norm)
-    assert desc.size_requirements.multiple_of == 2**num_downs
     size = 2**num_downs
     x = torch.rand(2, 3, size, 2 * size) * 2 - 1
     with torch.no_grad():
-        assert (desc.model(x) - ref(x)).abs().max().item() <= TOL
+        expected = ref(x)
+    check_roundtrip(tmp_path, ref.state_dict(), run=lambda m: m(x), expected=expected, family="gan", tol=TOL,
+                    facts={"architecture": "UnetGenerator", "config.num_downs": num_downs, "config.ngf": 4,
+                           "config.norm": expect_norm, "size_requirements.multiple_of": 2**num_downs})
 
 
 def _dependence_radius(model: nn.Module, size: int, points: list[tuple[int, int]]) -> int:
@@ -217,7 +206,7 @@ def test_receptive_field_is_a_tight_bound(tmp_path, kind):
     else:
         ref = RefUnetGenerator(3, 3, 5, ngf=2)
         size, points = 256, [(128, 128), (129, 130), (131, 133)]
-    desc = roundtrip(tmp_path, randomise_norms(ref).state_dict())
+    desc = load_file(tmp_path, randomise_norms(ref).state_dict())
     model = desc.model.requires_grad_(True)
     radius = _dependence_radius(model, size, points)
     assert 2 * desc.receptive_field < size  # the probe is not clipped by the borders
@@ -227,7 +216,7 @@ def test_receptive_field_is_a_tight_bound(tmp_path, kind):
 def test_tiled_equals_untiled_for_batchnorm_resnet(tmp_path):
     from atelier.models.tiling import tiled_apply
 
-    desc = roundtrip(tmp_path, randomise_norms(RefResnetGenerator(3, 3, 4, BATCH, n_blocks=1)).state_dict())
+    desc = load_file(tmp_path, randomise_norms(RefResnetGenerator(3, 3, 4, BATCH, n_blocks=1)).state_dict())
     assert desc.config["tiling_exact"] is True
     x = torch.rand(1, 3, 96, 168) * 2 - 1
     with torch.no_grad():
@@ -240,7 +229,7 @@ def test_tiled_equals_untiled_for_batchnorm_resnet(tmp_path):
 
 
 def test_bad_input_is_refused(tmp_path):
-    desc = roundtrip(tmp_path, RefResnetGenerator(3, 3, 4, BATCH, n_blocks=1).eval().state_dict())
+    desc = load_file(tmp_path, RefResnetGenerator(3, 3, 4, BATCH, n_blocks=1).eval().state_dict())
     with pytest.raises(InputError, match=r"x: expected \[B,3,H,W\]"):
         desc.model(torch.rand(1, 1, 32, 32))
     with pytest.raises(InputError, match="multiples of 4"):
@@ -255,7 +244,7 @@ def test_legacy_instance_norm_running_stats_are_ignored(tmp_path):
         if isinstance(m, nn.InstanceNorm2d):
             sd[f"{name}.running_mean"] = torch.zeros(m.num_features)
             sd[f"{name}.running_var"] = torch.ones(m.num_features)
-    desc = roundtrip(tmp_path, sd)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        assert (desc.model(x) - ref(x)).abs().max().item() <= TOL
+        expected = ref(x)
+    check_roundtrip(tmp_path, sd, run=lambda m: m(x), expected=expected, tol=TOL)

@@ -7,13 +7,15 @@ import shutil
 import pytest
 import torch
 
-spandrel = pytest.importorskip("spandrel")
+import spandrel  # a runtime dependency of the pack: missing is a failure, not a skip
 
 from atelier.models import registry  # noqa: E402
 from atelier.models.errors import ModelLoadError, UnknownModelError, WrongFamilyError  # noqa: E402
 from atelier.models.loading import read_state_dict  # noqa: E402
-from atelier.models.upscale import spandrel_arch as sa  # noqa: E402
+from atelier.models import spandrel_arch as sa  # noqa: E402
+from atelier.models.tiling import measure_receptive_field  # noqa: E402
 from atelier.models.upscale.cpu_conv import fast_cpu_convs, nnpack_usable  # noqa: E402
+from harness import check_roundtrip  # noqa: E402  (tests/ is on pytest's pythonpath)
 
 REAL = {  # file under ../shared/weights -> (spandrel id, scale, in channels, purpose)
     "realesr-animevideov3/realesr-animevideov3.pth": ("Compact", 4, 3, "SR"),
@@ -42,28 +44,52 @@ def _tiny_models() -> dict[str, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("arch", ["Compact", "DnCNN", "ESRGAN", "SPAN", "SwinIR"])
-def test_tiny_models_match_spandrel(arch):
+def test_tiny_models_match_spandrel(arch, tmp_path):
     net = _tiny_models()[arch]
     sd = {k: v.clone() for k, v in net.state_dict().items()}
     ref = spandrel.ModelLoader().load_from_state_dict(dict(sd)).eval()
     assert sa.detect(sd, {})
-    desc = registry.detect(sd, {}, source="tiny.pth")
-    assert desc.family == "upscale" and desc.architecture == arch == ref.architecture.id
-    assert (desc.scale, desc.in_channels, desc.out_channels, desc.purpose) == (
-        ref.scale, ref.input_channels, ref.output_channels, ref.purpose)
-    assert desc.size_requirements.multiple_of == ref.size_requirements.multiple_of
-    assert isinstance(desc.extra, spandrel.ImageModelDescriptor) and desc.extra.atelier is desc
-    assert desc.extra.model is desc.model
     x = torch.rand(1, ref.input_channels, 24, 32)
     with torch.inference_mode():
-        assert torch.allclose(desc.extra(x), ref(x), atol=1e-5)
+        expected = ref.model(x)  # the module spandrel built; its call (clamped to [0,1]) is compared below
+    desc = check_roundtrip(  # the shared round trip: both formats, a fresh manager, the module spandrel built
+        tmp_path, sd, folder="upscale_models", family="upscale", run=lambda m: m(x), expected=expected,
+        facts={"family": "upscale", "architecture": ref.architecture.id, "scale": ref.scale,
+               "in_channels": ref.input_channels, "out_channels": ref.output_channels, "purpose": ref.purpose,
+               "size_requirements.multiple_of": ref.size_requirements.multiple_of})
+    assert desc.architecture == arch
+    assert isinstance(desc.extra.spandrel, spandrel.ImageModelDescriptor) and desc.extra.spandrel.atelier is desc
+    assert desc.extra.spandrel.model is desc.model
+    with torch.inference_mode():
+        assert torch.allclose(desc.extra.spandrel(x), ref(x), atol=1e-5)
     assert desc.bytes_per_pixel > 0 and desc.receptive_field >= 1
-    assert desc.config["align"] % ref.size_requirements.multiple_of == 0
+    assert desc.extra.align % ref.size_requirements.multiple_of == 0
 
 
-def test_swinir_tiles_start_on_its_window_grid():
-    desc = registry.detect(_tiny_models()["SwinIR"].state_dict(), {}, source="tiny.pth")
-    assert desc.config["align"] % 4 == 0 and desc.receptive_field % desc.config["align"] == 0
+def test_swinir_tiled_equals_untiled(manager):
+    """SwinIR's shifted windows reach beyond its few convolutions, so the convolution bound is no context for it:
+    with the descriptor's context, tiles through the upscale engine equal the untiled pass within 1e-3 (float
+    rounding of the stirred weights: ~2e-4 measured); with the convolution bound as context they do not."""
+    from atelier.models.tiling import tiled_apply
+    from atelier.models.upscale.upscale import run_model
+
+    net = _tiny_models()["SwinIR"]
+    with torch.no_grad():  # default init keeps attention near uniform: stir it so that windows matter
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    desc = registry.detect(net.state_dict(), {}, source="tiny.pth")
+    align, context = desc.extra.align, desc.receptive_field
+    assert align % 4 == 0 and context % align == 0  # tiles start on the window grid
+    assert not desc.extra.exact and context > desc.extra.conv_bound
+    x = torch.rand(1, 3, 32, 320)
+    with torch.inference_mode():
+        full = desc.extra.spandrel(x)  # [1,3,64,640]
+        assert full.std() > 0.1
+        tiled = run_model(desc, x, tile=128, manager=manager, progress=None)  # 128 -> the engine's smallest tile
+        conv_only = tiled_apply(desc.extra.spandrel, x, scale=2, out_channels=3, tile=64, context=desc.extra.conv_bound,
+                                blend=4, align=align, progress=None)
+    assert (tiled - full).abs().max().item() < 1e-3
+    assert (conv_only - full).abs().max().item() > 0.05  # the property can fail: windows see past the conv bound
 
 
 @pytest.mark.parametrize("arch", ["Compact", "DnCNN"])
@@ -72,16 +98,16 @@ def test_conv_bound_is_a_real_bound(arch):
     measurement (which can fail: it finds no bound for a model that sees the whole image) agrees."""
     net = _tiny_models()[arch]
     desc = registry.detect(net.state_dict(), {}, source="tiny.pth")
-    assert desc.config["exact_tiles"] and desc.receptive_field == sa.conv_bound(desc.model)
+    assert desc.extra.exact and desc.receptive_field == sa.conv_bound(desc.model)
     x = torch.rand(1, desc.in_channels, 40, 64)
-    measured = sa.measure_receptive_field(desc.extra, x, int(desc.scale), tol=1e-6, band=4)
+    measured = measure_receptive_field(desc.extra.spandrel, x, int(desc.scale), tol=1e-6, band=4)
     assert measured is not None and measured <= desc.receptive_field
     with torch.inference_mode():  # one pixel changed just outside the bound: output at distance r unchanged
         r = desc.receptive_field
-        y0 = desc.extra(x)
+        y0 = desc.extra.spandrel(x)
         x2 = x.clone()
         x2[..., 20, 40] += 0.5
-        y1 = desc.extra(x2)
+        y1 = desc.extra.spandrel(x2)
         s = int(desc.scale)
         diff = (y1 - y0).abs()[0].amax(0)  # [H*s,W*s]
         assert diff[:, : (40 - r) * s].max() < 1e-6 and diff[:, (40 - r) * s :].max() > 0
@@ -95,7 +121,7 @@ def test_measure_finds_nothing_for_a_global_model():
             return x * torch.sigmoid(x.mean((2, 3), keepdim=True))
 
     x = torch.rand(1, 3, 32, 64)
-    assert sa.measure_receptive_field(Global(), x, 1, tol=1e-6, band=4) is None
+    assert measure_receptive_field(Global(), x, 1, tol=1e-6, band=4) is None
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +152,14 @@ def test_table_context_covers_the_measured_field(real, rel, band):
     desc = real[rel]
     img = data.astronaut() if desc.in_channels == 3 else data.camera()[..., None]
     x = torch.from_numpy(img[100:164, 150:246].copy()).float().div(255).permute(2, 0, 1)[None]  # [1,C,64,96]
-    measured = sa.measure_receptive_field(desc.extra, x, int(desc.scale), step=2, max_context=30, band=band)
+    measured = measure_receptive_field(desc.extra.spandrel, x, int(desc.scale), step=2, max_context=30, band=band)
     assert measured is not None and 0 < measured <= desc.receptive_field
 
 
 @pytest.mark.parametrize("rel", ["craft/craft_x4.pth", "dctlsa/DCTLSA_X2.pt"])
 def test_global_architectures_are_not_tiled_by_default(real, rel):
     desc = real[rel]
-    assert desc.config["scope"] == "global" and desc.tiling == "discouraged" and not desc.config["exact_tiles"]
+    assert desc.extra.scope == "global" and desc.tiling == "discouraged" and not desc.extra.exact
 
 
 def test_wrapper_casts_to_the_model_dtype(real):
@@ -142,9 +168,9 @@ def test_wrapper_casts_to_the_model_dtype(real):
         {k: v.clone() for k, v in real["realesr-animevideov3/realesr-animevideov3.pth"].model.state_dict().items()}))
     x = torch.rand(1, 3, 16, 16)
     with torch.inference_mode():
-        ref = desc.extra(x)
+        ref = desc.extra.spandrel(x)
         desc.model.to(torch.bfloat16)
-        out = desc.extra(x)
+        out = desc.extra.spandrel(x)
     assert out.dtype == torch.float32 and (out - ref).abs().mean() < 0.02
 
 
@@ -160,10 +186,10 @@ def test_nnpack_convolutions_match_pytorch(real):
     desc = real["realesr-animevideov3/realesr-animevideov3.pth"]
     x = torch.rand(1, 3, 37, 45)
     with torch.inference_mode():
-        ref = desc.extra(x)
+        ref = desc.extra.spandrel(x)
         with fast_cpu_convs(desc.model) as n:
             assert "forward" in desc.model.body[0].__dict__
-            out = desc.extra(x)
+            out = desc.extra.spandrel(x)
         assert n == 18  # every 3x3 conv of Compact (16 body convs, first and last)
     assert "forward" not in desc.model.body[0].__dict__  # restored
     assert (out - ref).abs().max().item() < 1e-3 / 255 * 10

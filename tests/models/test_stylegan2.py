@@ -16,6 +16,7 @@ from atelier.models import loading, registry
 from atelier.models.errors import InputError
 from atelier.models.gan import ops
 from atelier.models.gan.latent import style_mix, truncate
+from harness import check_roundtrip  # tests/ is on pytest's pythonpath
 
 SG2 = ["sg2_skip_32", "sg2_cond_16", "sg2_resnet_16", "sg2_orig_16", "sg2_clamp_16"]
 TOL = 1e-4  # max abs, the goal for every golden tensor
@@ -44,7 +45,7 @@ def maxabs(a, b):
 
 @torch.no_grad()
 def check_golden_outputs(desc, exp, emeta) -> dict[str, float]:
-    """Every tensor of the README's recipe, computed through the public generator interface."""
+    """Every tensor of the README's recipe but img_full (check_roundtrip compares it), through the public interface."""
     g = desc.model
     c = cond(exp)
     k = int(emeta["mix_k"])
@@ -58,8 +59,7 @@ def check_golden_outputs(desc, exp, emeta) -> dict[str, float]:
         "img_psi1_const": g.synthesis(exp["w_psi1"], noise_mode="const"),
         "img_cut": g.synthesis(exp["w_cut"], noise_mode="const"),
         "img_mix": g.synthesis(style_mix(exp["w_psi1"], exp["w2"], range(k, g.num_ws)), noise_mode="const"),
-        "img_full": g(exp["z"], c, truncation_psi=0.7, noise_mode="const"),
-    }
+    }  # img_full (the whole generator) was compared by check_roundtrip
     errs = {key: maxabs(v, exp[key]) for key, v in out.items()}
     bad = {key: e for key, e in errs.items() if e > TOL}
     assert not bad, f"max abs errors above {TOL}: {bad}"
@@ -67,15 +67,23 @@ def check_golden_outputs(desc, exp, emeta) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("name", SG2)
-def test_golden(golden, name):
-    desc, exp, emeta, meta = load_golden(golden, name)
-    g = desc.model
-    kw = meta["init_kwargs"]
-    assert (desc.family, desc.architecture, desc.purpose) == ("gan", "StyleGAN2", "Generator")
-    assert (g.z_dim, g.c_dim, g.w_dim, g.img_resolution, g.img_channels) == (
-        kw["z_dim"], kw["c_dim"], kw["w_dim"], kw["img_resolution"], kw["img_channels"])
-    assert g.num_ws == int(emeta["num_ws"]) and g.output_range == (-1.0, 1.0) and g.w_avg.shape == (g.w_dim,)
-    assert desc.config["architecture"] == kw.get("architecture", "skip")
+def test_golden(golden, name, tmp_path):
+    """The golden file written again and loaded through a fresh manager (the shared round trip), then every tensor."""
+    sd = load_file(str(golden / f"{name}.safetensors"))
+    with safe_open(str(golden / f"{name}.safetensors"), "pt") as f:
+        raw_meta = f.metadata()
+    exp = load_file(str(golden / f"{name}.expected.safetensors"))
+    with safe_open(str(golden / f"{name}.expected.safetensors"), "pt") as f:
+        emeta = f.metadata()
+    kw = json.loads(raw_meta["init_kwargs"])
+    desc = check_roundtrip(
+        tmp_path, sd, metadata=raw_meta, formats=["safetensors"], folder="gans", family="gan", tol=TOL,
+        run=lambda g: g(exp["z"], cond(exp), truncation_psi=0.7, noise_mode="const"), expected=exp["img_full"],
+        facts={"family": "gan", "architecture": "StyleGAN2", "purpose": "Generator", "model.z_dim": kw["z_dim"],
+               "model.c_dim": kw["c_dim"], "model.w_dim": kw["w_dim"], "model.img_resolution": kw["img_resolution"],
+               "model.img_channels": kw["img_channels"], "model.num_ws": int(emeta["num_ws"]),
+               "model.output_range": (-1.0, 1.0), "config.architecture": kw.get("architecture", "skip")})
+    assert desc.model.w_avg.shape == (desc.model.w_dim,)
     check_golden_outputs(desc, exp, emeta)
 
 
@@ -114,7 +122,7 @@ def test_bad_inputs_are_named(golden):
     g = desc.model
     with pytest.raises(InputError, match=r"z: expected \[B,64\]"):
         g.mapping(torch.zeros(2, 63), exp["c"][:2])
-    with pytest.raises(InputError, match="c: this generator is conditional"):
+    with pytest.raises(InputError, match="c: this generator is class-conditional"):
         g.mapping(exp["z"], None)
     with pytest.raises(InputError, match=r"ws: expected \[B,6,64\]"):
         g.synthesis(torch.zeros(1, 5, 64))
@@ -249,15 +257,13 @@ def test_rosinality_checkpoint(golden, tmp_path):
     inter = load_file(str(golden / f"{name}.intermediates.safetensors"))
     # rosinality has no conv clamp; the golden G's clamp (256) never acts on these values:
     assert max(v.abs().max().item() for v in inter.values()) < 256
-    path = tmp_path / "550000.pt"
-    torch.save({"g_ema": nvidia_to_rosinality(sd), "latent_avg": sd["mapping.w_avg"].clone()}, path)
-    sd2, meta = loading.read_state_dict(path)
-    assert "latent_avg" in meta and "style.1.weight" in sd2
-    desc = registry.detect(sd2, meta, path.name)
-    assert desc.architecture == "StyleGAN2" and desc.config["source_format"] == "rosinality"
+    ros = nvidia_to_rosinality(sd)
+    desc = check_roundtrip(  # rosinality's train.py checkpoint: a .pt with g_ema and latent_avg
+        tmp_path, ros, pth_object={"g_ema": ros, "latent_avg": sd["mapping.w_avg"].clone()}, formats=["pth"],
+        run=lambda g: g(exp["z"], None, truncation_psi=0.7, noise_mode="const"), expected=exp["img_full"], tol=TOL,
+        facts={"architecture": "StyleGAN2", "config.source_format": "rosinality"})
     g = desc.model
     assert maxabs(g.mapping(exp["z"], None, truncation_psi=0.7), exp["w_psi07"]) < 1e-5
-    assert maxabs(g(exp["z"], None, truncation_psi=0.7, noise_mode="const"), exp["img_full"]) < TOL
     assert maxabs(g.synthesis(exp["w_psi1"], noise_mode="none"), exp["img_none"]) < TOL
 
 

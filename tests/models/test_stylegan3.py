@@ -12,6 +12,7 @@ from atelier.models import loading, registry
 from atelier.models.errors import InputError
 from atelier.models.gan import ops
 from atelier.models.gan.latent import style_mix
+from harness import check_roundtrip  # tests/ is on pytest's pythonpath
 
 SG3 = ["sg3_t_32", "sg3_r_32", "sg3_t_cond_clamp_16"]
 TOL = 1e-4  # max abs, the goal for every golden tensor
@@ -43,15 +44,25 @@ def maxabs(a, b):
 
 @pytest.mark.parametrize("name", SG3)
 @torch.no_grad()
-def test_golden(golden, summary, name):
-    desc, exp, emeta, _ = load(golden, name)
-    g = desc.model
+def test_golden(golden, summary, name, tmp_path):
+    """The golden file written again and loaded through a fresh manager (the shared round trip), then every tensor."""
+    sd = load_file(str(golden / f"{name}.safetensors"))
+    with safe_open(str(golden / f"{name}.safetensors"), "pt") as f:
+        raw_meta = f.metadata()
+    exp = load_file(str(golden / f"{name}.expected.safetensors"))
+    with safe_open(str(golden / f"{name}.expected.safetensors"), "pt") as f:
+        emeta = f.metadata()
     kw = summary[name]["init_kwargs"]
     radial = kw.get("use_radial_filters", False)
-    assert (desc.family, desc.purpose, desc.architecture) == ("gan", "Generator", "StyleGAN3-R" if radial else "StyleGAN3-T")
-    assert (g.z_dim, g.c_dim, g.w_dim, g.img_resolution, g.img_channels, g.num_ws) == (
-        kw["z_dim"], kw["c_dim"], kw["w_dim"], kw["img_resolution"], kw["img_channels"], summary[name]["num_ws"])
     c = exp["c"] if exp["c"].numel() else None
+    desc = check_roundtrip(
+        tmp_path, sd, metadata=raw_meta, formats=["safetensors"], folder="gans", family="gan", tol=TOL,
+        run=lambda g: g(exp["z"], c, truncation_psi=0.7, noise_mode="const"), expected=exp["img_full"],
+        facts={"family": "gan", "purpose": "Generator", "architecture": "StyleGAN3-R" if radial else "StyleGAN3-T",
+               "model.z_dim": kw["z_dim"], "model.c_dim": kw["c_dim"], "model.w_dim": kw["w_dim"],
+               "model.img_resolution": kw["img_resolution"], "model.img_channels": kw["img_channels"],
+               "model.num_ws": summary[name]["num_ws"]})
+    g = desc.model
     k = int(emeta["mix_k"])
     out = {
         "w_psi1": g.mapping(exp["z"], c, truncation_psi=1.0),
@@ -63,8 +74,7 @@ def test_golden(golden, summary, name):
         "img_psi1_const": g.synthesis(exp["w_psi1"], noise_mode="const"),
         "img_cut": g.synthesis(exp["w_cut"], noise_mode="const"),
         "img_mix": g.synthesis(style_mix(exp["w_psi1"], exp["w2"], range(k, g.num_ws)), noise_mode="const"),
-        "img_full": g(exp["z"], c, truncation_psi=0.7, noise_mode="const"),
-    }
+    }  # img_full (the whole generator) was compared by check_roundtrip
     # the user transform of the Fourier input, as gen_images.py sets it
     g.synthesis.input.transform.copy_(exp["input_transform"])
     try:

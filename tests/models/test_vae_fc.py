@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import helpers_mnist  # tests/ is on pytest's pythonpath
+from harness import check_roundtrip
 from atelier.models.errors import InputError
 from atelier.models.loading import read_state_dict
 from atelier.models.registry import detect as registry_detect
@@ -59,16 +60,19 @@ def test_reconstructs_mnist_digits(vae_file, shared_dir):
 
 
 @torch.no_grad()
-def test_equals_reference_vae_and_samples_the_posterior(vae_file):
+def test_equals_reference_vae_and_samples_the_posterior(vae_file, tmp_path):
     sd, meta = vae_file
-    model = fc.load(sd, meta).model
     ref = ReferenceVAE().eval()
     ref.load_state_dict(sd)
     x = torch.rand(4, 1, 28, 28)
-    mu, logvar = ref.encode(x)
-    assert torch.allclose(model.encode(x).flatten(1), mu, atol=1e-6)
     z = torch.randn(4, 20)
-    assert torch.allclose(model.decode(z[:, :, None, None]), ref.decode(z).view(4, 1, 28, 28), atol=1e-6)
+    mu, logvar = ref.encode(x)
+    desc = check_roundtrip(  # the shared round trip: both file formats, a fresh manager, encoder means and decodes
+        tmp_path, sd, folder="vae", family="vae", tol=1e-6,
+        run=lambda m: torch.cat([m.encode(x).flatten(), m.decode(z[:, :, None, None]).flatten()]),
+        expected=torch.cat([mu.flatten(), ref.decode(z).flatten()]),
+        facts={"family": "vae", "architecture": "FC-VAE", "model.latent_channels": 20, "model.image_channels": 1})
+    model = desc.model
     assert torch.allclose(model.decode(z), model.decode(z[:, :, None, None]))
     draw = model.encode(x, sample=True, generator=torch.Generator().manual_seed(5))
     eps = torch.randn(4, 20, 1, 1, generator=torch.Generator().manual_seed(5))

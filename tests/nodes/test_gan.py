@@ -11,10 +11,11 @@ import torch
 
 from atelier.models.errors import InputError, WrongFamilyError
 from atelier.models.gan.sampling import to_w
+from atelier.models.loading import read_state_dict
 from atelier.models.manager import get_manager
 from atelier.nodes import NODE_CLASS_MAPPINGS
 from atelier.nodes import gan as N
-from helpers_packages import package_file  # tests/ is on pytest's pythonpath
+from helpers_packages import package_file, package_module  # tests/ is on pytest's pythonpath
 
 
 def run(node_cls, **kwargs):
@@ -81,11 +82,18 @@ def test_faces_sample_node_equals_package_generator(gans):
 
 
 def test_mlp_digits_come_out_as_rgb_images(gans):
+    """Grey digits as RGB IMAGE, equal to the generator the weights README describes (Linear-ReLU x2, Linear-Tanh)."""
     gan = load("gan_mlp_G.ckpt")
     (latent,) = run(N.AtelierGANLatent, gan=gan, seed=0, batch_size=2, space="z", class_label=-1)
     (images,) = run(N.AtelierGANSample, gan=gan, latent=latent, truncation_psi=1.0, truncation_cutoff=0,
                     noise_mode="const", noise_seed=0)
     assert images.shape == (2, 28, 28, 3) and torch.equal(images[..., 0], images[..., 2])
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                              torch.nn.Linear(256, 784), torch.nn.Tanh())
+    ref.load_state_dict(read_state_dict(gans / "gan_mlp_G.ckpt")[0])
+    with torch.no_grad():
+        digits = ((ref(latent.tensor) + 1) / 2).view(2, 28, 28)
+    assert digits.std() > 0.1 and (images[..., 1] - digits).abs().max().item() <= 1e-5
 
 
 def test_walk_and_interpolation_nodes(gans):
@@ -137,12 +145,24 @@ def test_project_node_resizes_with_a_note(gans):
     assert out["ui"]["text"] == [report]
 
 
-def test_image_to_image_node_keeps_the_size(gans):
+def test_image_to_image_node_equals_the_package_generator(gans):
+    """vintagify's own ResnetGenerator on the same weights is the reference, [0,1] -> [-1,1] -> G -> [0,1]. 45x70 is
+    no multiple of 4: the node pads by reflection and crops back, so it equals the reference run on torch's
+    reflect-padded image (48x72), cropped."""
+    weights = package_file("vintagify", "resources/G_A2B_epoch33.pth")
+    ref = package_module("vintagify", "generator.py").ResnetGenerator(n_blocks=9)
+    ref.load_state_dict(read_state_dict(weights)[0])
+    ref.eval()
     gan = load("cyclegan_vintage.pth")
     photo = torch.rand(2, 45, 70, 3)
     (out,) = run(N.AtelierImageToImageGAN, gan=gan, image=photo, tile_size=0)
-    assert out.shape == (2, 45, 70, 3) and 0 <= out.min() and out.max() <= 1
-    assert (out - photo).abs().mean() > 0.01  # it changed the picture
+    assert out.shape == (2, 45, 70, 3)
+    x = photo.movedim(-1, 1) * 2 - 1  # [2,3,45,70] in [-1,1]
+    with torch.no_grad():
+        want = ref(torch.nn.functional.pad(x, (0, 2, 0, 3), mode="reflect"))[..., :45, :70]
+    want = ((want + 1) / 2).clamp(0, 1).movedim(1, -1)
+    assert want.std() > 0.05 and (want - photo).abs().mean() > 0.01  # a real translation, not the identity
+    assert (out - want).abs().max().item() <= 1e-4
 
 
 def test_bad_inputs_are_refused_by_name(gans):

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import InputError, ModelLoadError, UnsafeFileError
+from .errors import InputError, ModelLoadError, UnsafeFileError
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def _load_from_bytes(blob: Any) -> torch.Tensor:
     (count,) = struct.unpack("<q", f.read(8))
     if count < 0:
         raise ModelLoadError("pickle: tensor blob has a negative element count")
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    nbytes = count * dtype.itemsize
     data = f.read(nbytes)
     if count != numel or len(data) != nbytes:
         raise ModelLoadError("pickle: tensor blob is truncated")
@@ -418,7 +418,7 @@ def export_safetensors(desc_or_sd: Any, meta: dict[str, Any] | None, out_path: s
     """
     from safetensors.torch import save_file
 
-    from ..descriptor import ModelDescriptor
+    from .descriptor import ModelDescriptor
 
     out_path = os.fspath(out_path)
     if os.path.exists(out_path):

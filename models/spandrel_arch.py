@@ -1,4 +1,5 @@
-"""Every single-image model spandrel knows (SR, restoration, face restoration, inpainting), as our ModelDescriptor.
+"""Every model spandrel knows (SR, restoration, face restoration, inpainting), as our ModelDescriptor: the adapter
+the upscale and inpaint families share.
 
 spandrel (and spandrel_extra_arches where installed) detects the architecture from the state dict and builds the
 module; this module never lets spandrel open files (the manager reads them safely first) and adds what tiling and
@@ -8,13 +9,13 @@ memory planning need and spandrel does not say:
   untiled result. Pure convolution stacks get the exact bound (sum of kernel radii); architectures with something
   that sees the whole image (channel attention over global pooling, transposed attention, windows that wrap around
   the image) are "global": no context makes tiles exact, so they are tiled only when memory forces it, with a wide
-  context and cross-fade. `measure_receptive_field` measures a model empirically.
+  context and cross-fade. `tiling.measure_receptive_field` measures a model empirically.
 - `bytes_per_pixel`: peak activation bytes per input pixel at fp32 (calibrated on the shared weights).
-- `config["align"]`: tile starts and sizes must be multiples of it (attention windows, pixel-unshuffle, U-Nets).
 
-The spandrel descriptor is kept in `extra`, as an `UpscaleModel`: a spandrel `ImageModelDescriptor` (so ComfyUI's
-core `ImageUpscaleWithModel` accepts it as UPSCALE_MODEL) that knows its Atelier descriptor and casts its input to
-the model's dtype.
+`desc.extra` is a `SpandrelFacts`: the tiling facts (window alignment, scope, exact tiles, width) and the spandrel
+descriptor itself, for single-image models an `UpscaleModel`: a spandrel `ImageModelDescriptor` (so ComfyUI's core
+`ImageUpscaleWithModel` accepts it as UPSCALE_MODEL) that knows its Atelier descriptor and casts its input to the
+model's dtype.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..descriptor import ModelDescriptor, SizeRequirements
+from .descriptor import ModelDescriptor, SizeRequirements
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,19 @@ class ArchFacts:
     context: int | None = None  # input pixels; None: the convolution bound (sum of kernel radii)
     exact: bool = False  # the context is a proven bound (tiles equal the untiled result up to rounding)
     maps: float = 48.0  # live fp32 feature maps per feature channel at the peak (bytes_per_pixel)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class SpandrelFacts:
+    """What the families need to run a spandrel model (`desc.extra`)."""
+
+    spandrel: Any  # the spandrel descriptor: an UpscaleModel (UPSCALE_MODEL) or a MaskedImageModelDescriptor
+    scope: str  # "local" | "global" (ArchFacts)
+    exact: bool  # tiles with `receptive_field` context equal the untiled result up to float rounding
+    align: int  # tile starts and sizes must be multiples of it (attention windows, pixel-unshuffle, U-Nets)
+    features: int  # width of the network (the first convolution's output channels)
+    conv_bound: int  # sum of the convolutions' radii
     note: str = ""
 
 
@@ -153,9 +167,10 @@ def from_spandrel(sp: Any, source: str = "") -> ModelDescriptor:
     req = sp.size_requirements
     align = _lcm(req.multiple_of, _window(model))
     bound = conv_bound(model)
-    if fx.scope == "local":
-        context = bound if fx.context is None else min(fx.context, bound)
-        exact = fx.exact or context == bound
+    if fx.scope == "local":  # the convolution bound says nothing of attention windows: it caps only conv nets
+        windowed = _window(model) > 1
+        context = bound if fx.context is None else fx.context if windowed else min(fx.context, bound)
+        exact = fx.exact or (context == bound and not windowed)
     else:
         context, exact = GLOBAL_CONTEXT, False
     context = math.ceil(context / align) * align
@@ -178,23 +193,13 @@ def from_spandrel(sp: Any, source: str = "") -> ModelDescriptor:
         size_requirements=SizeRequirements(req.minimum, req.multiple_of, req.square),
         tiling=tiling,
         receptive_field=int(context),
-        tile_hint=None,
         bytes_per_pixel=bpp,
-        config={
-            "spandrel_id": arch_id,
-            "spandrel_name": sp.architecture.name,
-            "tags": list(sp.tags),
-            "align": int(align),
-            "scope": fx.scope,
-            "exact_tiles": bool(exact),
-            "conv_bound": int(bound),
-            "features": int(nf),
-            "note": fx.note,
-        },
+        config={"spandrel_id": arch_id, "spandrel_name": sp.architecture.name, "tags": list(sp.tags)},
         source=source,
     )
-    desc.extra = upscale_model_class().wrap(sp, desc) if isinstance(sp, ImageModelDescriptor) else sp
-    for obj in (sp, desc.extra):  # core's object remembers its descriptor too: adopted once, not per run
+    wrapped = upscale_model_class().wrap(sp, desc) if isinstance(sp, ImageModelDescriptor) else sp
+    desc.extra = SpandrelFacts(wrapped, fx.scope, bool(exact), int(align), int(nf), int(bound), fx.note)
+    for obj in (sp, wrapped):  # core's object remembers its descriptor too: adopted once, not per run
         try:
             obj.atelier = desc
         except AttributeError:  # a foreign object with __slots__: nothing to cache on
@@ -282,38 +287,3 @@ def is_spandrel_image_model(obj: Any) -> bool:
     except ImportError:
         return False
     return isinstance(obj, ImageModelDescriptor)
-
-
-# ---------------------------------------------------------------- measuring the receptive field
-
-
-def measure_receptive_field(
-    call: Callable[[torch.Tensor], torch.Tensor],
-    image: torch.Tensor,  # [1,C,H,W] a real image (W >= 2 * max_context)
-    scale: int,
-    *,
-    tol: float = 1 / 255,
-    step: int = 1,
-    max_context: int | None = None,
-    band: int = 16,
-) -> int | None:
-    """The smallest context c (multiple of `step`) at which cutting the image c pixels beyond a vertical seam no
-    longer changes the output within `band` input pixels of the seam by more than `tol` (from both sides, two
-    consecutive steps). None when no context up to `max_context` achieves it (a "global" model)."""
-    W = image.shape[-1]
-    m = (W // 2) // step * step
-    max_context = min(max_context or m, m - step, W - m - step)
-    with torch.inference_mode():
-        full = call(image)
-        ok_run = 0
-        c = 0
-        while c <= max_context:
-            left = call(image[..., : m + c])[..., : m * scale]
-            right = call(image[..., m - c :])[..., c * scale :]
-            err_l = (left - full[..., : m * scale])[..., (m - band) * scale :].abs().max().item()
-            err_r = (right - full[..., m * scale :])[..., : band * scale].abs().max().item()
-            ok_run = ok_run + 1 if max(err_l, err_r) <= tol else 0
-            if ok_run == 2:
-                return c - step
-            c += step
-    return None

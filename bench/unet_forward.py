@@ -1,0 +1,96 @@
+"""Micro-benchmark: one UNet forward pass, Atelier's UNet2DModel against diffusers' UNet2DModel on the same weights.
+
+    python bench/unet_forward.py [--batches 1,16] [--repeats 7] [--threads N] [--clock wall|cpu] [--channels-first]
+
+Config: google/ddpm-cifar10-32's UNet2DModel (block_out_channels 128,256,256,256, layers_per_block 2, attention at
+16x16, 35.7 M parameters) with random weights; input [B,3,32,32], float32, CPU, torch.inference_mode. Each variant
+gets two warm-up calls, then --repeats timed calls alternating ours/diffusers; medians are reported with their
+ratio (ours / diffusers, below 1 = faster) and the largest output difference. On a shared machine use
+`--threads 1 --clock cpu` (the process's CPU time, which other processes do not inflate). Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from _bench_common import pkg_root
+
+CIFAR10_DDPM = {
+    "sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+    "block_out_channels": [128, 256, 256, 256],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": None, "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1,
+    "norm_eps": 1e-6, "norm_num_groups": 32, "mid_block_scale_factor": 1, "act_fn": "silu",
+}
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = _clock()
+        fn()
+        out.append(_clock() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--channels-first", action="store_true",
+                    help="run ours in NCHW (the loader's default is channels-last, which is what the pack runs)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global _clock
+    _clock = CLOCKS[args.clock]
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        ap.error("--clock cpu measures one thread's work: give --threads 1")
+    sys.path.insert(0, str(pkg_root()))
+    from diffusers import UNet2DModel as Reference
+
+    from atelier.models.diffusion.unet2d_io import load
+
+    torch.manual_seed(0)
+    ref = Reference(**CIFAR10_DDPM).eval()
+    ours = load(ref.state_dict(), {"config": CIFAR10_DDPM}).model
+    if args.channels_first:
+        ours.use_channels_last(False)
+    results = {}
+    for b in [int(s) for s in args.batches.split(",")]:
+        g = torch.Generator().manual_seed(b)
+        x = torch.randn(b, 3, 32, 32, generator=g)
+        t = torch.randint(0, 1000, (b,), generator=g).float()
+        xo = x  # the contract: NCHW in, NCHW out (ours converts inside)
+        with torch.inference_mode():
+            for _ in range(2):
+                ours(xo, t), ref(x, t)
+            diff = (ours(xo, t) - ref(x, t).sample).abs().max().item()
+            t_ours, t_ref = [], []
+            for _ in range(args.repeats):
+                t_ours += timed(lambda: ours(xo, t), 1)
+                t_ref += timed(lambda: ref(x, t), 1)
+        mo, mr = statistics.median(t_ours), statistics.median(t_ref)
+        results[f"batch{b}"] = {"ours_s": round(mo, 4), "diffusers_s": round(mr, 4), "ratio": round(mo / mr, 3),
+                                "max_abs_diff": diff}
+        print(f"batch {b:3d}: ours {mo * 1000:8.1f} ms  diffusers {mr * 1000:8.1f} ms  ratio {mo / mr:.3f}  "
+              f"max|diff| {diff:.2e}", flush=True)
+    print(json.dumps({"bench": "unet_forward", "config": "google/ddpm-cifar10-32 (random weights)",
+                      "threads": torch.get_num_threads(), "clock": args.clock, "channels_last": not args.channels_first,
+                      "repeats": args.repeats, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,8 @@
 
 - `.safetensors`/`.sft`: safetensors (tensors and string metadata only).
 - `.pt/.pth/.ckpt/.bin/.tar`: `torch.load(weights_only=True)`, torch's own allow-listing unpickler.
+- TorchScript archives (`torch.jit.save`, e.g. LaMa's `big-lama.pt`): their weights only, through our allow-listing
+  reader (`models/torchscript_weights.py`); the archive's code is never compiled or run (no `torch.jit.load`).
 - `.pkl` (NVIDIA StyleGAN snapshots): our allow-listing unpickler (`models/nvlabs_pkl.py`), which records the
   constructor kwargs and tensors without importing or calling anything outside its list.
 
@@ -55,6 +57,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         if ext in SAFETENSORS_EXT:
             obj, meta = _read_safetensors(path)
+        elif ext in TORCH_EXT and _is_torchscript(path):
+            from .torchscript_weights import read_torchscript  # weights only: the archive's code is never run
+
+            obj, meta = read_torchscript(path)
         elif ext in TORCH_EXT:
             obj, meta = _read_torch(path), {}
         else:
@@ -137,15 +143,19 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
     return sd, meta
 
 
+def _is_torchscript(path: str) -> bool:
+    """A torch.jit.save archive (it carries code: never torch.jit.load'ed; models/torchscript_weights.py reads it)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _read_torch(path: str) -> Any:
     name = os.path.basename(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist()):
-                raise UnsafeFileError(
-                    f"model file {name!r} is a TorchScript archive (it carries code); "
-                    "only plain state dicts are loaded. Re-save it with torch.save(model.state_dict())"
-                )
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=False)

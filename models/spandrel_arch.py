@@ -91,6 +91,10 @@ ARCH_FACTS: dict[str, ArchFacts] = {
     "SAFMNBCIE": ArchFacts("global", maps=8.0, note="pooling to sizes relative to the image"),
     "ATD": ArchFacts("global", note="adaptive token dictionary: categories span the image"),
     "RGT": ArchFacts("global", note="recursive-generalisation attention over the image"),
+    # inpainters (family "inpaint"): run whole or per masked region by models/inpaint, never tiled
+    "LaMa": ArchFacts("global", maps=5.0, note="fast Fourier convolutions see the whole image; peak measured at 512^2: "
+                      "270 MB above the loaded process (bench/inpaint.py), ~1 KB per pixel"),
+    "MAT": ArchFacts("global", note="mask-aware transformer over the whole (512-multiple, square) image"),
 }
 
 

@@ -228,20 +228,21 @@ def _candidates(model: torch.nn.Module, space: str, n: int, seed: int, labels: t
     return (w if space == "w" else w.expand(-1, model.num_ws, -1)).contiguous(), lab
 
 
-def _best_starts(render, model, space, target, starts, k, seed, labels, c_dim, dev):
+def _best_starts(render, model, space, target, starts, k, seed, labels, c_dim, dev, known=None):
     """Per target, the k candidates with the lowest loss: (starts [B*k,...], labels [B*k,c_dim] | None), k per
     target in a row."""
     B = target.shape[0]
     if labels is not None and B > 1 and (labels != labels[:1]).any():  # different classes: one search each
-        per = [_best_starts(render, model, space, target[i : i + 1], starts, k, seed, labels[i : i + 1], c_dim, dev)
-               for i in range(B)]
+        per = [_best_starts(render, model, space, target[i : i + 1], starts, k, seed, labels[i : i + 1], c_dim, dev,
+                            None if known is None else known[i : i + 1]) for i in range(B)]
         return torch.cat([p[0] for p in per]), torch.cat([p[1] for p in per])
     cand, lab = _candidates(model, space, starts, seed, labels, c_dim, dev)
     scores = []
     with torch.no_grad():
         for i in range(0, starts, 32):
             img = render(cand[i : i + 32], lab[i : i + 32] if lab is not None else None)  # [n,C,H,W]
-            scores.append(torch.stack([projection_loss(img, t.expand_as(img)) for t in target]))  # [B,n]
+            scores.append(torch.stack([projection_loss(_known_only(img, t, None if known is None else known[j]),
+                                                       t.expand_as(img)) for j, t in enumerate(target)]))  # [B,n]
     top = torch.cat(scores, 1).topk(min(k, starts), dim=1, largest=False).indices.flatten()  # [B*k]
     return cand[top].clone(), None if lab is None else lab[top].clone()
 
@@ -272,13 +273,21 @@ class _Problem:
     labels: torch.Tensor | None  # [N,c_dim]
     l1_weight: float
     ssim_weight: float
+    known: torch.Tensor | None = None  # [N,1,H,W] 1 where the target is known (masked projection)
 
     def loss(self, p: torch.Tensor) -> torch.Tensor:  # [N]
-        return projection_loss(self.render(p, self.labels), self.target, self.l1_weight, self.ssim_weight)
+        return projection_loss(_known_only(self.render(p, self.labels), self.target, self.known), self.target,
+                               self.l1_weight, self.ssim_weight)
 
     def keep(self, rows: torch.Tensor) -> None:
         self.target = self.target[rows]
         self.labels = None if self.labels is None else self.labels[rows]
+        self.known = None if self.known is None else self.known[rows]
+
+
+def _known_only(x: torch.Tensor, target: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """x where the target is known, the target itself elsewhere: unknown pixels add nothing to the loss."""
+    return x if known is None else known * x + (1 - known) * target
 
 
 def _prune(prob: _Problem, param: torch.Tensor, opt: torch.optim.Adam, k: int
@@ -340,6 +349,17 @@ def _track(best: torch.Tensor | None, best_loss: torch.Tensor | None, param: tor
     return best, torch.where(better, cur_loss, best_loss)
 
 
+def _known(mask: torch.Tensor, B: int, size: torch.Size, resolution: int) -> torch.Tensor:  # -> [B,1,res,res]
+    """1 - mask, cropped and resized like the target (prepare_target)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (3, 4) or mask.shape[0] not in (1, B) \
+            or tuple(mask.shape[-2:]) != tuple(size):
+        got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(f"mask: expected [B|1,H,W] matching the image ({size[-1]}x{size[-2]}, batch {B}), got {got}")
+    m = mask.float().reshape(mask.shape[0], 1, *mask.shape[-2:]).clamp(0, 1)
+    m, _ = prepare_target(m, resolution, 1, "mask")
+    return (1 - m).expand(B, -1, -1, -1).contiguous()
+
+
 def project(
     manager: ModelManager,
     desc: ModelDescriptor,
@@ -356,8 +376,10 @@ def project(
     ssim_weight: float = 0.05,
     noise_mode: str = "const",
     callback: Callable[[int, float], None] | None = None,  # (step, total loss) after every step
+    mask: torch.Tensor | None = None,  # [B|1,H,W] 1 = unknown: only the known pixels are fitted (inpainting)
 ) -> Projection:
-    """Invert `image` into the generator's latent space. See the module docstring."""
+    """Invert `image` into the generator's latent space. See the module docstring. With `mask`, the loss sees only
+    the pixels where the mask is 0 (Yeh et al. 2017's context loss), so the generator fills the rest."""
     g = check_generator(desc)
     space = _check_space(desc, space)
     if steps < 1:
@@ -370,6 +392,7 @@ def project(
         raise InputError(f"learning_rate: expected a positive number (or 0 for automatic), got {lr}")
     target, note = prepare_target(image, g.img_resolution, g.img_channels)
     B, k = target.shape[0], max(1, min(int(restarts), int(starts)))
+    known = None if mask is None else _known(mask, B, image.shape[-2:], g.img_resolution)
     what = f"{model_name(desc)} ({desc.architecture})"
     # -1 on a conditional model: the start search tries random classes and keeps the best ones per target
     labels = None if g.c_dim and class_label == -1 else class_labels(g.c_dim, class_label, seed, B, what)
@@ -379,9 +402,11 @@ def project(
         dev = placement(model)[0]
         tgt = target.clone().to(dev)  # a normal tensor (not an inference one)
         render = _renderer(model, space, noise_mode)
+        kn = None if known is None else known.clone().to(dev)
         start, lab = _best_starts(render, model, space, tgt, max(starts, k), k, seed,
-                                  None if labels is None else labels.clone().to(dev), g.c_dim, dev)
-        prob = _Problem(render, tgt.repeat_interleave(k, 0), lab, l1_weight, ssim_weight)
+                                  None if labels is None else labels.clone().to(dev), g.c_dim, dev, kn)
+        prob = _Problem(render, tgt.repeat_interleave(k, 0), lab, l1_weight, ssim_weight,
+                        None if kn is None else kn.repeat_interleave(k, 0))
         noise_scale = 0.05 * _w_std(model, dev) if space in ("w", "w+") else 0.0
         best, losses, rows = _optimise(prob, start, steps, lr, k, noise_scale, callback)
         lab = None if lab is None else lab[rows]
@@ -395,3 +420,42 @@ def project(
     score = psnr(img, tgt_cpu)
     note = "; ".join(filter(None, [note, "PSNR " + ", ".join(f"{v:.1f}" for v in score.tolist()) + " dB"]))
     return Projection(latent, img, tgt_cpu, score, losses, note)
+
+
+def complete(
+    manager: ModelManager,
+    desc: ModelDescriptor,
+    image: torch.Tensor,  # [B,C,H,W] in 0..1
+    mask: torch.Tensor,  # [B|1,H,W] 1 = the hole
+    *,
+    blend: int = 4,
+    **project_kw,
+) -> tuple[torch.Tensor, Projection]:  # ([B,C,H,W] float32, the projection)
+    """Semantic inpainting by projection (Yeh et al. 2017): fit the latent to the known pixels only, then paste
+    the generator's image into the hole with `masks.edge_blend(mask, blend)` (a ramp `blend` pixels inside the
+    hole's edge; the pixels outside the hole are returned exactly). A non-square image is filled inside its centre
+    square (what the generator sees); the generator's image is resized back to that square."""
+    from .. import masks as M
+    from ..image import match_channels, split_alpha
+
+    res = project(manager, desc, image, mask=mask, **project_kw)
+    B, C, H, W = image.shape
+    m = M.as_mask(mask).clamp(0, 1).expand(B, H, W).to(image.device, torch.float32)
+    s = min(H, W)
+    top, left = (H - s) // 2, (W - s) // 2
+    colour, alpha = split_alpha(image.float())
+    gen = F.interpolate(res.image, size=(s, s), mode="bicubic", align_corners=False).clamp(0, 1) \
+        if res.image.shape[-1] != s else res.image
+    gen = match_channels(gen.to(image.device), colour.shape[1])
+    fill = colour.clone()
+    fill[..., top : top + s, left : left + s] = gen
+    wgt = M.edge_blend(m, blend)[:, None]  # [B,1,H,W], 0 outside the hole
+    inside = torch.zeros_like(wgt)
+    inside[..., top : top + s, left : left + s] = 1
+    wgt = wgt * inside
+    out = torch.where(wgt > 0, colour * (1 - wgt) + fill * wgt, colour.float())
+    if alpha is not None:
+        out = torch.cat([out, alpha], 1)
+    if bool(((m > 0)[:, None] & (inside == 0)).any()):
+        res.note = "; ".join(filter(None, [res.note, "hole pixels outside the centre square left as they were"]))
+    return out, res

@@ -82,12 +82,14 @@ def test_malicious_file_through_cli_inspect_does_not_run(tmp_path):
     assert not marker.exists()
 
 
-def test_torchscript_archive_refused(tmp_path):
-    m = torch.jit.script(torch.nn.Linear(2, 2))
+def test_torchscript_archive_weights_read_without_running_it(tmp_path):
+    """A TorchScript archive goes through the allow-listing reader (tests/models/test_torchscript_weights.py)."""
+    lin = torch.nn.Linear(2, 2)
     path = tmp_path / "scripted.pt"
-    torch.jit.save(m, str(path))
-    with pytest.raises(UnsafeFileError, match="TorchScript"):
-        loading.read_state_dict(path)
+    torch.jit.save(torch.jit.script(lin), str(path))
+    sd, meta = loading.read_state_dict(path)
+    assert meta["format"] == "torchscript"
+    assert set(sd) == {"weight", "bias"} and torch.equal(sd["weight"], lin.weight)
 
 
 @pytest.mark.parametrize("ext", [".pth", ".safetensors"])

@@ -73,3 +73,32 @@ def peak_rss(reset: bool) -> int:
     """The peak RSS since reset_peak() (the process's lifetime maximum where it could not reset)."""
     peak = proc_status("VmHWM") if reset else None
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_worker(cmd: list[str], timeout: float, **kw) -> dict:
+    """Run one benchmark cell in its own process; its last stdout line is a JSON object. A timeout or a failure gives
+    {"skipped": why} instead of stopping the whole bench."""
+    import json
+    import subprocess
+
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"ran past the {timeout:.0f} s limit"}
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return {"skipped": f"worker failed (exit {proc.returncode}): {' | '.join(tail)[-500:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ratios(ours: dict, ref: dict, name: str) -> dict | None:
+    """ours/ref for whole-process peak, growth above the loaded process, and wall time; or, when the reference ran
+    out of memory, an upper bound on the peak ratio from what it asked for. None when the reference has neither."""
+    if "peak_mb" in ref:
+        return {"peak": round(ours["peak_mb"] / ref["peak_mb"], 3),
+                "growth": round(ours["growth_mb"] / max(1, ref["growth_mb"]), 3),
+                "time": round(ours["wall_s"] / max(1e-9, ref["wall_s"]), 3)}
+    if "peak_mb_at_least" in ref:
+        return {"peak_at_most": round(ours["peak_mb"] / ref["peak_mb_at_least"], 3),
+                "note": f"{name} ran out of memory; it needed more than {ref['peak_mb_at_least']} MB"}
+    return None

@@ -23,13 +23,12 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from _bench_common import pkg_root, peak_rss, reset_peak
+from _bench_common import peak_rss, pkg_root, reset_peak, run_worker
 
 SIDES = ("ours", "diffusers")
 CIFAR = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
@@ -176,14 +175,7 @@ def run_cell(side: str, pipeline: str, batch: int, models: str, out_path: str, a
            out_path, "--steps", str(a.steps), "--repeats", str(a.repeats), "--repaint-steps", str(a.repaint_steps),
            "--jump-length", str(a.jump_length), "--jump-n-sample", str(a.jump_n_sample), "--device", a.device,
            "--threads", str(a.threads)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"ran past the {timeout:.0f} s limit"}
-    if proc.returncode != 0:
-        return {"skipped": f"worker failed (exit {proc.returncode}): "
-                           f"{' | '.join(proc.stderr.strip().splitlines()[-3:])[-500:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(cmd, timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

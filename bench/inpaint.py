@@ -29,13 +29,12 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from _bench_common import REPO, available_bytes, peak_rss, pkg_root, proc_status, reset_peak
+from _bench_common import REPO, available_bytes, peak_rss, pkg_root, proc_status, reset_peak, run_worker
 
 VARIANTS = ("crop", "whole", "squash256")
 CONTEXT = 128
@@ -120,14 +119,7 @@ def worker(variant: str, size: int, models: str, mem_fraction: float) -> dict[st
 
 def run_cell(variant: str, size: int, models: str, timeout: float, frac: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, str(size), "--models-dir", models, "--mem-fraction", str(frac)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"ran past the {timeout:.0f} s limit"}
-    if proc.returncode != 0:
-        return {"skipped": f"worker failed (exit {proc.returncode}): "
-                           f"{' | '.join(proc.stderr.strip().splitlines()[-3:])[-500:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(cmd, timeout)
 
 
 def part_crop(a) -> dict[str, Any]:

@@ -28,13 +28,12 @@ import re
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from _bench_common import REPO, available_bytes, peak_rss, pkg_root, proc_status, reset_peak
+from _bench_common import REPO, available_bytes, peak_rss, pkg_root, proc_status, ratios, reset_peak, run_worker
 
 SHARED = pathlib.Path(os.environ.get("ATELIER_SHARED") or REPO.parent / "shared")
 MICROAST = SHARED / "weights" / "microast"
@@ -138,14 +137,7 @@ def run_cell(model: str, variant: str, size: int, models: str, a) -> dict:
     env = dict(os.environ)
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.max_cell_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"ran past the {a.max_cell_s:.0f} s limit"}
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-3:]
-        return {"skipped": f"worker failed (exit {proc.returncode}): {' | '.join(tail)[-500:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(cmd, a.max_cell_s, env=env)
 
 
 def summarise(cells: dict) -> dict[str, Any]:
@@ -154,13 +146,9 @@ def summarise(cells: dict) -> dict[str, Any]:
         ours, ref = row.get("ours", {}), row.get("reference", {})
         if "peak_mb" not in ours:
             continue
-        if "peak_mb" in ref:
-            out[key] = {"peak": round(ours["peak_mb"] / ref["peak_mb"], 3),
-                        "growth": round(ours["growth_mb"] / max(1, ref["growth_mb"]), 3),
-                        "time": round(ours["wall_s"] / max(1e-9, ref["wall_s"]), 3)}
-        elif "peak_mb_at_least" in ref:
-            out[key] = {"peak_at_most": round(ours["peak_mb"] / ref["peak_mb_at_least"], 3),
-                        "note": f"the reference ran out of memory; it needed more than {ref['peak_mb_at_least']} MB"}
+        r = ratios(ours, ref, "the reference")
+        if r is not None:
+            out[key] = r
     return out
 
 

@@ -28,14 +28,13 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
 from _bench_common import (REPO, available_bytes, comfy_python, find_comfyui, peak_rss, pkg_root, proc_status,
-                           reset_peak)
+                           ratios, reset_peak, run_worker)
 
 TAEF2_DIR = REPO.parent / "shared" / "weights" / "taef2"
 VARIANTS = ("ours", "untiled", "core_tiled")
@@ -141,15 +140,7 @@ def run_cell(py: str, model: str, variant: str, size: int, models: str, comfy: s
     cmd = [py, __file__, "--worker", model, variant, str(size), "--models-dir", models, "--mem-fraction", str(frac)]
     if comfy:
         cmd += ["--comfyui", comfy]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              cwd=comfy if variant == "core_tiled" else None)
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"ran past the {timeout:.0f} s limit"}
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-3:]
-        return {"skipped": f"worker failed (exit {proc.returncode}): {' | '.join(tail)[-500:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(cmd, timeout, cwd=comfy if variant == "core_tiled" else None)
 
 
 def _predict(first: dict, first_size: int, size: int) -> tuple[float, float]:
@@ -237,13 +228,8 @@ def summarise(cells: dict, sizes: list[int]) -> dict[str, Any]:
             for other in ("untiled", "core_tiled"):
                 ref = row.get(other, {})
                 key = f"{model}_{size}_vs_{other}"
-                if "peak_mb" in ref:
-                    out[key] = {"peak": round(ours["peak_mb"] / ref["peak_mb"], 3),
-                                "growth": round(ours["growth_mb"] / max(1, ref["growth_mb"]), 3),
-                                "time": round(ours["wall_s"] / max(1e-9, ref["wall_s"]), 3)}
-                elif "peak_mb_at_least" in ref:
-                    out[key] = {"peak_at_most": round(ours["peak_mb"] / ref["peak_mb_at_least"], 3),
-                                "note": f"{other} ran out of memory; it needed more than {ref['peak_mb_at_least']} MB"}
+                if ratios(ours, ref, other) is not None:
+                    out[key] = ratios(ours, ref, other)
                 elif other == "untiled" and "peak_mb" in first:
                     est = _predict(first, sizes[0], size)
                     out[key] = {"peak": round(ours["peak_mb"] / est[1], 3), "untiled_peak_mb_estimated": round(est[1]),

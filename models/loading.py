@@ -3,7 +3,7 @@
 - `.safetensors`/`.sft`: safetensors (tensors and string metadata only).
 - `.pt/.pth/.ckpt/.bin/.tar`: `torch.load(weights_only=True)`, torch's own allow-listing unpickler.
 - TorchScript archives (`torch.jit.save`, e.g. LaMa's `big-lama.pt`): their weights only, through our allow-listing
-  reader (`models/torchscript_weights.py`); the archive's code is never compiled or run (no `torch.jit.load`).
+  reader (`models/torchscript_weights.py`); the archive's code is never compiled or run (TorchScript's own loader is never called).
 - `.pkl` (NVIDIA StyleGAN snapshots): our allow-listing unpickler (`models/nvlabs_pkl.py`), which records the
   constructor kwargs and tensors without importing or calling anything outside its list.
 
@@ -144,7 +144,7 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
 
 
 def _is_torchscript(path: str) -> bool:
-    """A torch.jit.save archive (it carries code: never torch.jit.load'ed; models/torchscript_weights.py reads it)."""
+    """A torch.jit.save archive (it carries code, so TorchScript's loader never sees it; models/torchscript_weights.py reads it)."""
     try:
         if not zipfile.is_zipfile(path):
             return False

@@ -1,6 +1,6 @@
 """Safe reader of the weights in a TorchScript archive (`torch.jit.save`, e.g. LaMa's `big-lama.pt`).
 
-`torch.jit.load` compiles and runs the TorchScript code stored in the archive (`code/`), and unpickles its
+TorchScript's own loader (`torch.jit`) compiles and runs the TorchScript code stored in the archive (`code/`), and unpickles its
 `data.pkl` with the full unpickler. This reader never does either. It reads the archive's zip entries as bytes; its
 Unpickler's `find_class` answers only the names below, each with an inert stand-in written here, and raises
 `UnsafeFileError` naming any other global before anything of it is imported or called:

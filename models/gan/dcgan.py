@@ -22,15 +22,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..descriptor import ModelDescriptor
-from ..errors import InputError
-from .contract import HEADS, LatentGenerator, attach, config_from_meta, split_latent
+from .contract import LatentGenerator, attach, config_from_meta, split_latent
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,12 @@ memory planning need and spandrel does not say:
 The spandrel descriptor is kept in `extra`, as an `UpscaleModel`: a spandrel `ImageModelDescriptor` (so ComfyUI's
 core `ImageUpscaleWithModel` accepts it as UPSCALE_MODEL) that knows its Atelier descriptor and casts its input to
 the model's dtype.
+
+The CPU path is set up here, once per model, when the descriptor is made (`from_spandrel`): the module's eligible
+3x3 convolutions become `NNPACKConv2d` layers (models/cpu_conv.py; same weights and keys, NNPACK only in float32
+on the CPU without gradients), and a Compact model's `UpscaleModel` calls `compact_cpu.forward` there (see that
+module). Nothing is patched or switched per call. Core's own UPSCALE_MODEL objects adopted here share the module,
+so core's node gets the same convolutions for them.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..cpu_conv import use_nnpack
 from ..descriptor import ModelDescriptor, SizeRequirements
+from . import compact_cpu
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +197,8 @@ def from_spandrel(sp: Any, source: str = "") -> ModelDescriptor:
         },
         source=source,
     )
+    if desc.family == "upscale":
+        use_nnpack(model)
     desc.extra = upscale_model_class().wrap(sp, desc) if isinstance(sp, ImageModelDescriptor) else sp
     for obj in (sp, desc.extra):  # core's object remembers its descriptor too: adopted once, not per run
         try:
@@ -260,6 +270,8 @@ def upscale_model_class() -> type:
             obj = cls.__new__(cls)
             obj.__dict__.update(sp.__dict__)  # same module, same spandrel facts; no second state-dict load
             obj.atelier = desc
+            if compact_cpu.is_compact(obj.model):
+                obj._call_fn = compact_cpu.compact_call(obj._call_fn)
             return obj
 
         def __call__(self, image: torch.Tensor) -> torch.Tensor:  # [N,C,H,W] -> [N,C',H*s,W*s]

@@ -7,7 +7,9 @@
 Every model pass goes through the shared tiling engine with the model's receptive field as context (tiles of
 "local" models equal the untiled result; "global" models run whole unless memory forces tiles) under the manager
 (placement, fp16/bf16 on GPU where allowed with a float32 recompute on NaN/Inf). On the CPU in float32 the 3x3
-convolutions run through NNPACK's Winograd kernels (see cpu_conv.py) and tiles are sized to stay in cache.
+convolutions run through NNPACK's Winograd kernels (models/cpu_conv.py, set up once at load by the spandrel
+adapter) and tiles are sized to stay in cache. Threads: the process's setting (ComfyUI's or the CLI's); nothing
+here changes it.
 Alpha is split off and resized (or run through the model as a grey image); a greyscale model runs on each colour
 channel of an RGB image; an RGB model runs on a grey image replicated to RGB and its output is turned back to grey.
 """
@@ -25,7 +27,6 @@ from ..descriptor import ModelDescriptor
 from ..errors import InputError
 from ..manager import ModelManager, get_manager, placement
 from ..tiling import match_channels, split_alpha, tiled_apply
-from .cpu_conv import cpu_threads, fast_cpu_convs
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,7 @@ def run_model(desc: ModelDescriptor, x: torch.Tensor, *, tile: int | None = None
     def work(model: torch.nn.Module) -> torch.Tensor:
         device, dtype = placement(model)
         plan = tile_plan(desc, x.shape[-2], x.shape[-1], x.shape[0], device, dtype, tile, manager)
-        cpu32 = device.type == "cpu" and dtype == torch.float32
-        with torch.inference_mode(), cpu_threads(device.type == "cpu"), fast_cpu_convs(model, enabled=cpu32):
+        with torch.inference_mode():
             return tiled_apply(call, x, scale=int(desc.scale), out_channels=desc.out_channels, tile=plan.tile,
                                context=plan.context, blend=plan.blend, align=plan.align, max_batch=plan.max_batch,
                                device=device, dtype=dtype, progress=progress)

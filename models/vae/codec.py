@@ -19,6 +19,8 @@ half-precision model whose output overflows is rerun in float32 by `ModelManager
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import os
@@ -176,7 +178,7 @@ def _nnpack(desc: ModelDescriptor) -> bool:
     """NNPACK's Winograd convolutions pay on the CPU for TAESD's 64-channel layers (about 2.8x measured)."""
     if desc.architecture != "TAESD":
         return False
-    from ..upscale.cpu_conv import nnpack_usable
+    from ..cpu_conv import nnpack_usable
 
     return nnpack_usable()
 
@@ -200,9 +202,13 @@ def storage_budget(manager: ModelManager, desc: ModelDescriptor, device: torch.d
 
 
 def _fast_convs(desc: ModelDescriptor, model: nn.Module, device: torch.device, dtype: torch.dtype):
-    from ..upscale.cpu_conv import fast_cpu_convs
+    """TAESD's 3x3 convolutions are NNPACK layers (models/cpu_conv.py; converted once, the first time here: a
+    no-op afterwards); they use NNPACK only on the CPU in float32 without gradients, as before."""
+    if _nnpack(desc) and device.type == "cpu" and dtype == torch.float32:
+        from ..cpu_conv import use_nnpack
 
-    return fast_cpu_convs(model, enabled=_nnpack(desc) and device.type == "cpu" and dtype == torch.float32)
+        use_nnpack(model)
+    return contextlib.nullcontext()
 
 
 def _pad(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 core ComfyUI imports nothing of ours before it measures (cli/runner.py's PeakMemory does the same for the CLI)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import resource
@@ -21,17 +22,25 @@ def find_comfyui(arg: str | None) -> pathlib.Path | None:
 
 
 def comfy_python(comfy: pathlib.Path) -> str:
+    """The interpreter the host tests use: $ATELIER_COMFYUI_PYTHON, else ComfyUI's .venv, else this one."""
+    env = os.environ.get("ATELIER_COMFYUI_PYTHON")
+    if env and os.path.isfile(env):
+        return env
     venv = comfy / ".venv" / "bin" / "python"
     return str(venv) if venv.is_file() else sys.executable
 
 
 def pkg_root() -> pathlib.Path:
-    """A folder holding `atelier` -> this repository, so the pack imports as a package under any interpreter."""
-    root = pathlib.Path(tempfile.gettempdir()) / f"atelier_bench_pkg_{os.getuid()}"
+    """A folder holding `atelier` -> this repository, so the pack imports as a package under any interpreter (one
+    folder per checkout: several checkouts on one machine must not import each other's code)."""
+    tag = hashlib.sha1(str(REPO).encode()).hexdigest()[:8]
+    root = pathlib.Path(tempfile.gettempdir()) / f"atelier_bench_pkg_{os.getuid()}_{tag}"
     root.mkdir(exist_ok=True)
     link = root / "atelier"
-    if not link.exists():
-        os.symlink(REPO, link)
+    if not link.exists() or link.resolve() != REPO:
+        tmp = root / f"atelier.{os.getpid()}"
+        os.symlink(REPO, tmp)
+        os.replace(tmp, link)
     return root
 
 

@@ -32,3 +32,7 @@ class WrongFamilyError(AtelierError):
 
 class TilingError(AtelierError):
     """Tiled processing ran out of memory at every tile size it tried."""
+
+
+class MemoryBudgetError(AtelierError):
+    """A request would need more memory than is free; refused before allocating (the message says both)."""

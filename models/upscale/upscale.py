@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import host
 from ..descriptor import ModelDescriptor
-from ..errors import InputError
+from ..errors import InputError, MemoryBudgetError
 from ..manager import ModelManager, get_manager, placement
 from ..tiling import match_channels, split_alpha, tiled_apply
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_SIDE = 16384  # largest output side (ComfyUI's MAX_RESOLUTION)
 MAX_PASSES = 4  # model passes one call may chain (x4 model: up to x256)
+MEMORY_SHARE = 0.85  # of the free memory on the image's device that one request may plan to use
 ALPHA_MODES = ("resize", "model")
 # Input pixels per call on the CPU for a 64-feature model (scaled by 64/features): its feature maps (~24 MB) stay
 # near the last-level cache. Measured on Compact x4 (1 thread, CPU time per pixel): 256^2 calls 7.3 us, 512^2 12 us,
@@ -75,10 +76,15 @@ def target_size(
     return H, W
 
 
-def plan_passes(scale: int, height: int, width: int, out_h: int, out_w: int) -> list[tuple[int, int]]:
+def plan_passes(scale: int, height: int, width: int, out_h: int, out_w: int,
+                shrink_first: bool = False) -> list[tuple[int, int]]:
     """Input size of each model pass. Passes repeat until the model's output reaches the target; before the last
-    pass of a chain the intermediate is shrunk so that pass lands on the target instead of overshooting it."""
+    pass of a chain the intermediate is shrunk so that pass lands on the target instead of overshooting it.
+    `shrink_first`: a single pass that would overshoot the target (a x4 model for x2) runs on the input shrunk so
+    that it lands on the target (the memory guard's plan: less detail, a quarter of the intermediate or less)."""
     f = max(out_h / height, out_w / width)
+    if shrink_first and scale > 1 and f < scale:
+        return [(min(height, max(1, math.ceil(out_h / scale))), min(width, max(1, math.ceil(out_w / scale))))]
     n = 1 if scale <= 1 or f <= scale else math.ceil(math.log(f) / math.log(scale) - 1e-9)
     if n > MAX_PASSES:
         raise InputError(f"factor: {f:.3g}x needs {n} passes of this x{scale} model; at most {MAX_PASSES} are chained")
@@ -123,15 +129,16 @@ def upscale(
     manager = manager or get_manager()
     B, C, h, w = image.shape
     out_h, out_w = target_size(h, w, desc.scale, factor=factor, out_width=width, out_height=height)
+    split = desc.in_channels != 4 and C in (2, 4)
+    passes = memory_plan(desc, B, C, h, w, out_h, out_w, image.device, alpha_model=split and alpha == "model",
+                         manager=manager)
     with torch.inference_mode():
         x = image.float()
-        if desc.in_channels == 4 or C not in (2, 4):
-            colour, a = x, None
-        else:
-            colour, a = split_alpha(x)
-        out = _chain(desc, colour, out_h, out_w, tile or None, manager)
+        colour, a = split_alpha(x) if split else (x, None)
+        out = _chain(desc, colour, passes, out_h, out_w, tile or None, manager)
         if a is not None:
-            a = resize(a, out_h, out_w) if alpha == "resize" else _chain(desc, a, out_h, out_w, tile or None, manager)
+            a = resize(a, out_h, out_w) if alpha == "resize" else _chain(desc, a, passes, out_h, out_w, tile or None,
+                                                                         manager)
             out = torch.cat([out, a], dim=1)
         return out
 
@@ -146,13 +153,81 @@ def _check_image(image: torch.Tensor) -> None:
         raise InputError("image: the image has NaN or Inf pixels; fix the node that produced it")
 
 
-def _chain(desc: ModelDescriptor, x: torch.Tensor, out_h: int, out_w: int, tile: int | None,
-           manager: ModelManager) -> torch.Tensor:
-    """The model passes of `plan_passes`, then the final resize to exactly (out_h, out_w)."""
-    s = int(desc.scale)
-    for ph, pw in plan_passes(s, x.shape[-2], x.shape[-1], out_h, out_w):
+def _chain(desc: ModelDescriptor, x: torch.Tensor, passes: list[tuple[int, int]], out_h: int, out_w: int,
+           tile: int | None, manager: ModelManager) -> torch.Tensor:
+    """The model passes (input size of each, from `plan_passes`), then the final resize to exactly (out_h, out_w)."""
+    for ph, pw in passes:
         x = model_pass(desc, resize(x, ph, pw), tile=tile, manager=manager)
     return resize(x, out_h, out_w)
+
+
+# ---------------------------------------------------------------- the memory guard
+
+
+def request_bytes(desc: ModelDescriptor, batch: int, channels: int, passes: list[tuple[int, int]], out_h: int,
+                  out_w: int, *, alpha_model: bool = False, activations: int = 0) -> int:
+    """Peak bytes of new float32 tensors on the image's device for one request: each pass's input and output (the
+    tiling engine's accumulator) beside `activations`, the final resize, the alpha channel and the IMAGE copy the
+    node hands back."""
+    s, f4 = int(desc.scale), 4 * batch
+    colour = channels - 1 if channels in (2, 4) and desc.in_channels != 4 else channels
+    final = f4 * colour * out_h * out_w
+    peak = 0
+    for ph, pw in passes:
+        peak = max(peak, f4 * colour * ph * pw * (1 + s * s) + activations)
+    lh, lw = passes[-1][0] * s, passes[-1][1] * s
+    if (lh, lw) != (out_h, out_w):
+        peak = max(peak, f4 * colour * lh * lw + final)
+    whole = f4 * channels * out_h * out_w
+    if alpha_model:  # the alpha chain runs beside the colour result
+        peak = max(peak, final + request_bytes(desc, batch, 1, passes, out_h, out_w, activations=activations))
+    if whole != final:
+        peak = max(peak, final + whole)  # the concatenation
+    return int(max(peak, 2 * whole))  # the result and the node's IMAGE copy
+
+
+def memory_plan(desc: ModelDescriptor, batch: int, channels: int, height: int, width: int, out_h: int, out_w: int,
+                device: torch.device, *, alpha_model: bool = False,
+                manager: ModelManager | None = None) -> list[tuple[int, int]]:
+    """The passes of `plan_passes` when the request fits the free memory of `device` (where images and
+    intermediates live); else the plan that shrinks before a single overshooting pass when that fits; else
+    MemoryBudgetError saying how much is needed and how much is free. Nothing is allocated here."""
+    s = int(desc.scale)
+    manager = manager or get_manager()
+    free = host.free_bytes(device)
+    best: list[tuple[int, int]] = []
+    needs = []
+    for shrink in (False, True):
+        passes = plan_passes(s, height, width, out_h, out_w, shrink_first=shrink)
+        if passes == best:
+            continue
+        act = _activation_bytes(desc, device, manager, batch * max(ph * pw for ph, pw in passes))
+        need = request_bytes(desc, batch, channels, passes, out_h, out_w, alpha_model=alpha_model, activations=act)
+        needs.append(need)
+        if need <= free * MEMORY_SHARE:
+            if shrink:
+                log.warning("upscale: %dx%d -> %dx%d with a x%d model would need %.1f GiB (%.1f GiB free); shrinking "
+                            "the input to %dx%d first (%.1f GiB)", width, height, out_w, out_h, s, needs[0] / 2**30,
+                            free / 2**30, passes[0][1], passes[0][0], need / 2**30)
+            return passes
+        best = passes
+    raise MemoryBudgetError(
+        f"upscale: {batch} image(s) of {width}x{height} -> {out_w}x{out_h} with this x{s} "
+        f"{desc.architecture} model need about {min(needs) / 2**30:.2f} GiB "
+        f"({' / '.join(f'{n / 2**30:.2f}' for n in needs)} GiB by plan) but {free / 2**30:.2f} GiB is free "
+        f"(at most {MEMORY_SHARE:.0%} of it is used); choose a smaller factor or size, fewer images, or free memory")
+
+
+def _activation_bytes(desc: ModelDescriptor, device: torch.device, manager: ModelManager, pixels: int) -> int:
+    """Activations of one model call beside the images when the model runs on `device` (0 when it runs elsewhere,
+    e.g. on a GPU): what `tile_plan` allows (CPU tiles of local models; else up to the activation budget)."""
+    if manager.compute_device.type != device.type:
+        return 0
+    cap = manager.activation_budget(desc)
+    if device.type == "cpu" and desc.config.get("scope") == "local":
+        tile_px = CPU_TILE_PIXELS * 64 / max(1, desc.config.get("features", 64))
+        cap = min(cap, tile_px * bytes_per_pixel(desc, torch.float32))
+    return int(min(bytes_per_pixel(desc, torch.float32) * pixels, cap))
 
 
 # ---------------------------------------------------------------- one model pass

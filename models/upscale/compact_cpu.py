@@ -8,16 +8,18 @@ call. Here each PReLU runs in place as a per-channel leaky ReLU on pieces under 
 (32768 elements), so it stays on the calling thread and the OpenMP pool sleeps through the convolutions. The
 result equals spandrel's forward up to NNPACK's rounding (tests/models/test_spandrel_arch.py).
 
-`compact_call(model)` returns the call spandrel's descriptor makes (`call_fn(model, image)`); the spandrel adapter
-installs it once, at load, on the UPSCALE_MODEL objects it builds (models/upscale/spandrel_arch.py).
+`use_compact_path(model)` gives a Compact module this forward for single float32 CPU images without gradients (a
+subclass of its class with the same name, parameters and hooks; anything else runs spandrel's forward). The spandrel
+adapter calls it once, at load (models/upscale/spandrel_arch.py).
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
 
 import torch
 import torch.nn.functional as F
 
+from .. import host
 from ..cpu_conv import conv3x3, nnpack_usable
 
 GRAIN = 32768  # at::internal::GRAIN_SIZE: element-wise operators on fewer elements run on the calling thread
@@ -25,9 +27,11 @@ GRAIN = 32768  # at::internal::GRAIN_SIZE: element-wise operators on fewer eleme
 
 def is_compact(model: torch.nn.Module) -> bool:
     """spandrel's SRVGGNetCompact with PReLU activations (the Real-ESRGAN Compact / animevideo models)."""
-    return (type(model).__name__ == "SRVGGNetCompact" and hasattr(model, "body") and hasattr(model, "upscale")
-            and all(isinstance(m, (torch.nn.Conv2d, torch.nn.PReLU)) for m in model.body)
-            and isinstance(model.body[0], torch.nn.Conv2d))
+    body = getattr(model, "body", None)
+    return (type(model).__name__ == "SRVGGNetCompact" and isinstance(body, torch.nn.ModuleList) and len(body) > 0
+            and hasattr(model, "upscale") and hasattr(model, "upsampler")
+            and all(isinstance(m, (torch.nn.Conv2d, torch.nn.PReLU)) for m in body)
+            and isinstance(body[0], torch.nn.Conv2d))
 
 
 def prelu_(x: torch.Tensor, slopes: list[float]) -> torch.Tensor:  # [1,C,H,W] in place
@@ -42,11 +46,12 @@ def prelu_(x: torch.Tensor, slopes: list[float]) -> torch.Tensor:  # [1,C,H,W] i
     return x
 
 
-def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:  # [1,Cin,H,W] -> [1,Cout,H*s,W*s]
+def cpu_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:  # [1,Cin,H,W] -> [1,Cout,H*s,W*s]
     """SRVGGNetCompact's forward with NNPACK convolutions and calling-thread PReLUs (float32 CPU, no grad)."""
     out = x
     for layer in model.body:
         if isinstance(layer, torch.nn.Conv2d):
+            host.throw_if_interrupted()  # Cancel within one layer (the module hooks are not called here)
             out = conv3x3(out, layer.weight, layer.bias, layer.padding)
         else:
             out = prelu_(out, layer.weight.tolist())
@@ -55,14 +60,24 @@ def forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:  # [1,Cin,
     return out
 
 
-def compact_call(default: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]):
-    """A spandrel `call_fn`: `forward` for single float32 CPU images without gradients, else `default`."""
+def use_compact_path(model: torch.nn.Module) -> bool:
+    """Give a Compact module the CPU forward above, in place, once (at load); False for other modules or when
+    NNPACK is unusable (nothing changes then)."""
+    if getattr(type(model), "_atelier_cpu_path", False):
+        return True
+    if not is_compact(model) or not nnpack_usable():
+        return False
+    model.__class__ = _cpu_class(type(model))
+    return True
 
-    def call(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-        if (image.device.type == "cpu" and image.dtype == torch.float32 and image.shape[0] == 1
-                and not torch.is_grad_enabled() and is_compact(model) and nnpack_usable()
-                and model.body[0].weight.dtype == torch.float32):
-            return forward(model, image)
-        return default(model, image)
 
-    return call
+@functools.lru_cache(maxsize=4)
+def _cpu_class(base: type) -> type:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N,Cin,H,W] -> [N,Cout,H*s,W*s]
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1 and not torch.is_grad_enabled()
+                and self.body[0].weight.dtype == torch.float32):
+            return cpu_forward(self, x)
+        return base.forward(self, x)
+
+    return type(base.__name__, (base,), {"forward": forward, "_atelier_cpu_path": True, "__module__": __name__,
+                                         "__doc__": f"{base.__name__} with the CPU path of {__name__}."})

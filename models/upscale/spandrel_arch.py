@@ -18,9 +18,13 @@ the model's dtype.
 
 The CPU path is set up here, once per model, when the descriptor is made (`from_spandrel`): the module's eligible
 3x3 convolutions become `NNPACKConv2d` layers (models/cpu_conv.py; same weights and keys, NNPACK only in float32
-on the CPU without gradients), and a Compact model's `UpscaleModel` calls `compact_cpu.forward` there (see that
+on the CPU without gradients), and a Compact module gets `compact_cpu.cpu_forward` for those calls (see that
 module). Nothing is patched or switched per call. Core's own UPSCALE_MODEL objects adopted here share the module,
 so core's node gets the same convolutions for them.
+
+Cancel: `add_interrupt_checks` registers (once, here) a forward pre-hook calling `host.throw_if_interrupted()` on
+each block of the network (its top-level layers and the members of its top-level layer lists), so a press of
+Cancel takes effect within one block of one tile, however large the tile, not only between tiles.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import host
 from ..cpu_conv import use_nnpack
 from ..descriptor import ModelDescriptor, SizeRequirements
 from . import compact_cpu
@@ -197,8 +202,10 @@ def from_spandrel(sp: Any, source: str = "") -> ModelDescriptor:
         },
         source=source,
     )
-    if desc.family == "upscale":
+    if desc.family == "upscale":  # the CPU path and the cancel checks, set up once here (module docstring)
         use_nnpack(model)
+        compact_cpu.use_compact_path(model)
+        add_interrupt_checks(model)
     desc.extra = upscale_model_class().wrap(sp, desc) if isinstance(sp, ImageModelDescriptor) else sp
     for obj in (sp, desc.extra):  # core's object remembers its descriptor too: adopted once, not per run
         try:
@@ -206,6 +213,27 @@ def from_spandrel(sp: Any, source: str = "") -> ModelDescriptor:
         except AttributeError:  # a foreign object with __slots__: nothing to cache on
             pass
     return desc
+
+
+def add_interrupt_checks(model: torch.nn.Module) -> int:
+    """Forward pre-hooks that check for a user interrupt before each block (see the module docstring); once per
+    module. Returns the number of hooks."""
+    if getattr(model, "_atelier_interrupt_hooks", None) is not None:
+        return model._atelier_interrupt_hooks
+    blocks: list[torch.nn.Module] = []
+    for child in model.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and len(child) > 1:
+            blocks.extend(child)
+        else:
+            blocks.append(child)
+    for b in blocks:
+        b.register_forward_pre_hook(_check_interrupt)
+    model._atelier_interrupt_hooks = len(blocks)
+    return len(blocks)
+
+
+def _check_interrupt(module: torch.nn.Module, args: Any) -> None:
+    host.throw_if_interrupted()
 
 
 def conv_bound(model: torch.nn.Module) -> int:
@@ -270,8 +298,6 @@ def upscale_model_class() -> type:
             obj = cls.__new__(cls)
             obj.__dict__.update(sp.__dict__)  # same module, same spandrel facts; no second state-dict load
             obj.atelier = desc
-            if compact_cpu.is_compact(obj.model):
-                obj._call_fn = compact_cpu.compact_call(obj._call_fn)
             return obj
 
         def __call__(self, image: torch.Tensor) -> torch.Tensor:  # [N,C,H,W] -> [N,C',H*s,W*s]

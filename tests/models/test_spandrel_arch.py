@@ -167,14 +167,14 @@ def test_nnpack_convolutions_match_pytorch(real, monkeypatch):
     assert not any(type(m) is NNPACKConv2d for m in ref.model.modules())
     assert list(desc.model.state_dict()) == list(ref.model.state_dict())
     calls = []
-    fwd = compact_cpu.forward
-    monkeypatch.setattr(compact_cpu, "forward", lambda m, x: calls.append(x.shape) or fwd(m, x))
+    fwd = compact_cpu.cpu_forward
+    monkeypatch.setattr(compact_cpu, "cpu_forward", lambda m, x: calls.append(tuple(x.shape)) or fwd(m, x))
     x = torch.rand(1, 3, 37, 45)
     with torch.inference_mode():
         want = ref(x)
         out = desc.extra(x)  # the Compact CPU path
-        layers = desc.model(x).clamp_(0, 1)  # the NNPACK layers through spandrel's forward
-    assert calls == [(1, 3, 37, 45)]
+        layers = type(ref.model).forward(desc.model, x).clamp_(0, 1)  # the NNPACK layers, spandrel's forward
+    assert calls == [(1, 3, 37, 45)] and type(desc.model).__name__ == type(ref.model).__name__
     assert (out - want).abs().max().item() < 1e-3 / 255 * 10
     assert (layers - want).abs().max().item() < 1e-3 / 255 * 10
 
@@ -227,3 +227,27 @@ def test_broken_weights_name_the_file(manager, models_root, real):
     torch.save(sd, models_root / "upscale_models" / "broken.pth")
     with pytest.raises(ModelLoadError, match="broken.pth"):
         manager.load("broken.pth", "upscale_models")
+
+
+def test_cancel_is_checked_inside_one_call(monkeypatch):
+    """Cancel takes effect inside a model call (before a block), not only between tiles: one untiled call of a
+    tiny DnCNN stops at the third check."""
+    from atelier.models import host
+
+    net = _tiny_models()["DnCNN"]
+    desc = registry.detect({k: v.clone() for k, v in net.state_dict().items()}, {}, source="tiny.pth")
+    checks = []
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        checks.append(1)
+        if len(checks) == 3:
+            raise Stop
+
+    monkeypatch.setattr(host, "throw_if_interrupted", check)
+    assert sa.add_interrupt_checks(desc.model) >= 3  # once per module: a second call adds nothing
+    with torch.inference_mode(), pytest.raises(Stop):
+        desc.extra(torch.rand(1, 1, 16, 16))
+    assert len(checks) == 3

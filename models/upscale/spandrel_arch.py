@@ -23,8 +23,8 @@ module). Nothing is patched or switched per call. Core's own UPSCALE_MODEL objec
 so core's node gets the same convolutions for them.
 
 Cancel: `add_interrupt_checks` registers (once, here) a forward pre-hook calling `host.throw_if_interrupted()` on
-each block of the network (its top-level layers and the members of its top-level layer lists), so a press of
-Cancel takes effect within one block of one tile, however large the tile, not only between tiles.
+the network's modules down to INTERRUPT_DEPTH levels, so a press of Cancel takes effect within one layer of one
+tile, however large the tile, not only between tiles.
 """
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # What a scope means for tiling: "local" (finite receptive field; `exact` when the context is a proven bound),
 # "global" (some layer sees the whole image: tile only when memory forces it).
 GLOBAL_CONTEXT = 48  # input pixels of context for tiles of a "global" model when tiling is unavoidable
+# Cancel is checked before every module this many levels below the model (DCTLSA: its six attention blocks, their
+# parts and their layers): an interrupt waits for one layer of one tile at most. A hook costs microseconds a call.
+INTERRUPT_DEPTH = 3
 
 
 @dataclass(frozen=True)
@@ -215,21 +218,20 @@ def from_spandrel(sp: Any, source: str = "") -> ModelDescriptor:
     return desc
 
 
-def add_interrupt_checks(model: torch.nn.Module) -> int:
-    """Forward pre-hooks that check for a user interrupt before each block (see the module docstring); once per
-    module. Returns the number of hooks."""
+def add_interrupt_checks(model: torch.nn.Module, depth: int = INTERRUPT_DEPTH) -> int:
+    """Forward pre-hooks that check for a user interrupt before every submodule down to `depth` levels below the
+    model (see the module docstring); once per module. Returns the number of hooks."""
     if getattr(model, "_atelier_interrupt_hooks", None) is not None:
         return model._atelier_interrupt_hooks
-    blocks: list[torch.nn.Module] = []
-    for child in model.children():
-        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and len(child) > 1:
-            blocks.extend(child)
-        else:
-            blocks.append(child)
-    for b in blocks:
-        b.register_forward_pre_hook(_check_interrupt)
-    model._atelier_interrupt_hooks = len(blocks)
-    return len(blocks)
+    level = [model]
+    n = 0
+    for _ in range(depth):
+        level = [c for m in level for c in m.children()]
+        for m in level:
+            m.register_forward_pre_hook(_check_interrupt)
+        n += len(level)
+    model._atelier_interrupt_hooks = n
+    return n
 
 
 def _check_interrupt(module: torch.nn.Module, args: Any) -> None:

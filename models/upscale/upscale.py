@@ -34,9 +34,10 @@ MAX_SIDE = 16384  # largest output side (ComfyUI's MAX_RESOLUTION)
 MAX_PASSES = 4  # model passes one call may chain (x4 model: up to x256)
 MEMORY_SHARE = 0.85  # of the free memory on the image's device that one request may plan to use
 ALPHA_MODES = ("resize", "model")
-# Input pixels per call on the CPU for a 64-feature model (scaled by 64/features): its feature maps (~24 MB) stay
-# near the last-level cache. Measured on Compact x4 (1 thread, CPU time per pixel): 256^2 calls 7.3 us, 512^2 12 us,
-# so tiles of ~300 px with their 18 px context beat whole 512^2+ images.
+# Input pixels per call on the CPU for a 64-feature local model (scaled by 64/features): NNPACK's throughput per call
+# falls beyond about 300^2 (353 GFLOP/s at 256^2, 197 at 512^2 on one 64->64 layer, 2 threads) while each tile pays
+# 2*18+4 px of context per axis (Compact), so tiles of ~310^2. A constant measured once (README, "Why the upscale
+# figures moved"), not a function of the machine's load.
 CPU_TILE_PIXELS = 96 * 1024
 
 

@@ -22,6 +22,10 @@ def find_comfyui(arg: str | None) -> pathlib.Path | None:
 
 
 def comfy_python(comfy: pathlib.Path) -> str:
+    """The interpreter the host tests use: $ATELIER_COMFYUI_PYTHON, else ComfyUI's .venv, else this one."""
+    env = os.environ.get("ATELIER_COMFYUI_PYTHON")
+    if env and os.path.isfile(env):
+        return env
     venv = comfy / ".venv" / "bin" / "python"
     return str(venv) if venv.is_file() else sys.executable
 
@@ -33,8 +37,10 @@ def pkg_root() -> pathlib.Path:
     root = pathlib.Path(tempfile.gettempdir()) / f"atelier_bench_pkg_{os.getuid()}_{tag}"
     root.mkdir(exist_ok=True)
     link = root / "atelier"
-    if not link.exists():
-        os.symlink(REPO, link)
+    if not link.exists() or link.resolve() != REPO:
+        tmp = root / f"atelier.{os.getpid()}"
+        os.symlink(REPO, tmp)
+        os.replace(tmp, link)
     return root
 
 

@@ -32,6 +32,7 @@ SMALL_CALL_BYTES = 256 << 20  # below this a call runs without asking the device
 CPU_CACHE_BYTES = 16 << 20
 SHARE = {"cpu": 0.5}  # share of the free memory activations may take, per device type (others: GPU_SHARE)
 GPU_SHARE = 0.8
+REQUEST_SHARE = 0.85  # of the free memory one request's images and intermediates may plan to take (upscale planner)
 MIN_BUDGET = 64 << 20
 
 

@@ -82,10 +82,27 @@ def interruptible(model: torch.nn.Module, depth: int | None = None, *, enabled: 
     if not enabled:
         yield model
         return
-    units = [m for name, m in model.named_modules() if name and (depth is None or name.count(".") < depth)]
-    handles = [m.register_forward_pre_hook(_check) for m in units]
+    handles = [m.register_forward_pre_hook(_check) for m in _units(model, depth)]
     try:
         yield model
     finally:
         for h in handles:
             h.remove()
+
+
+def add_interrupt_checks(model: torch.nn.Module, depth: int) -> int:
+    """The checks of `interruptible`, registered for good (once per module, at load, for models that always run
+    long passes, e.g. upscalers on big tiles). Returns the number of hooks."""
+    done = getattr(model, "_atelier_interrupt_hooks", None)
+    if done is not None:
+        return done
+    units = _units(model, depth)
+    for m in units:
+        m.register_forward_pre_hook(_check)
+    model._atelier_interrupt_hooks = len(units)
+    return len(units)
+
+
+def _units(model: torch.nn.Module, depth: int | None) -> list[torch.nn.Module]:
+    """The sub-modules down to `depth` levels below the model (None: all)."""
+    return [m for name, m in model.named_modules() if name and (depth is None or name.count(".") < depth)]

@@ -16,6 +16,16 @@ memory planning need and spandrel does not say:
 descriptor itself, for single-image models an `UpscaleModel`: a spandrel `ImageModelDescriptor` (so ComfyUI's core
 `ImageUpscaleWithModel` accepts it as UPSCALE_MODEL) that knows its Atelier descriptor and casts its input to the
 model's dtype.
+
+The CPU path is set up here, once per model, when the descriptor is made (`from_spandrel`): the module's eligible
+3x3 convolutions become `NNPACKConv2d` layers (models/cpu_conv.py; same weights and keys, NNPACK only in float32
+on the CPU without gradients), and a Compact module gets `compact_cpu.cpu_forward` for those calls (see that
+module). Nothing is patched or switched per call. Core's own UPSCALE_MODEL objects adopted here share the module,
+so core's node gets the same convolutions for them.
+
+Cancel: `add_interrupt_checks` registers (once, here) a forward pre-hook calling `host.throw_if_interrupted()` on
+the network's modules down to INTERRUPT_DEPTH levels, so a press of Cancel takes effect within one layer of one
+tile, however large the tile, not only between tiles.
 """
 from __future__ import annotations
 
@@ -28,12 +38,18 @@ from typing import Any
 import torch
 
 from .descriptor import ModelDescriptor, SizeRequirements
+from .compact_cpu import use_compact_path
+from .cpu_conv import use_nnpack
+from .progress import add_interrupt_checks
 
 log = logging.getLogger(__name__)
 
 # What a scope means for tiling: "local" (finite receptive field; `exact` when the context is a proven bound),
 # "global" (some layer sees the whole image: tile only when memory forces it).
 GLOBAL_CONTEXT = 48  # input pixels of context for tiles of a "global" model when tiling is unavoidable
+# Cancel is checked before every module this many levels below the model (DCTLSA: its six attention blocks, their
+# parts and their layers): an interrupt waits for one layer of one tile at most. A hook costs microseconds a call.
+INTERRUPT_DEPTH = 3
 
 
 @dataclass(frozen=True)
@@ -197,6 +213,10 @@ def from_spandrel(sp: Any, source: str = "") -> ModelDescriptor:
         config={"spandrel_id": arch_id, "spandrel_name": sp.architecture.name, "tags": list(sp.tags)},
         source=source,
     )
+    if desc.family == "upscale":  # the CPU path and the cancel checks, set up once here (module docstring)
+        use_nnpack(model)
+        use_compact_path(model)
+        add_interrupt_checks(model, INTERRUPT_DEPTH)
     wrapped = upscale_model_class().wrap(sp, desc) if isinstance(sp, ImageModelDescriptor) else sp
     desc.extra = SpandrelFacts(wrapped, fx.scope, bool(exact), int(align), int(nf), int(bound), fx.note)
     for obj in (sp, wrapped):  # core's object remembers its descriptor too: adopted once, not per run

@@ -58,7 +58,8 @@ class AtelierUpscaleImage:
                    "factor (1.5, 8: repeated passes plus an antialiased resize) or to an exact size. Tiles overlap by "
                    "the model's receptive field, so tiled equals untiled; alpha is upscaled separately; greyscale "
                    "models work on colour images and the other way round. Shows progress per tile; Cancel stops "
-                   "between tiles.")
+                   "within a layer. A request that would not fit in memory is shrunk before an overshooting pass "
+                   "or refused with how much it needs.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)

@@ -7,7 +7,9 @@
 Every model pass goes through the shared tiling engine with the model's receptive field as context (tiles of
 "local" models equal the untiled result; "global" models run whole unless memory forces tiles) under the manager
 (placement, fp16/bf16 on GPU where allowed with a float32 recompute on NaN/Inf). On the CPU in float32 the 3x3
-convolutions run through NNPACK's Winograd kernels (see cpu_conv.py) and tiles are sized to stay in cache.
+convolutions run through NNPACK's Winograd kernels (models/cpu_conv.py, set up once at load by the spandrel
+adapter) and tiles are sized to stay in cache. Threads: the process's setting (ComfyUI's or the CLI's); nothing
+here changes it.
 Alpha is split off and resized (or run through the model as a grey image); a greyscale model runs on each colour
 channel of an RGB image; an RGB model runs on a grey image replicated to RGB and its output is turned back to grey.
 """
@@ -20,22 +22,22 @@ from dataclasses import dataclass
 import torch
 
 from .. import host
-from ..budget import scaled_bpp
+from ..budget import REQUEST_SHARE, scaled_bpp
 from ..descriptor import ModelDescriptor
-from ..errors import InputError
+from ..errors import InputError, MemoryBudgetError
 from ..manager import ModelManager, get_manager, placement
-from ..spandrel_arch import SpandrelFacts
 from ..image import MAX_SIDE, match_channels, resize, split_alpha
+from ..spandrel_arch import SpandrelFacts
 from ..tiling import even_tile, tiled_apply
-from .cpu_conv import cpu_threads, fast_cpu_convs
 
 log = logging.getLogger(__name__)
 
 MAX_PASSES = 4  # model passes one call may chain (x4 model: up to x256)
 ALPHA_MODES = ("resize", "model")
-# Input pixels per call on the CPU for a 64-feature model (scaled by 64/features): its feature maps (~24 MB) stay
-# near the last-level cache. Measured on Compact x4 (1 thread, CPU time per pixel): 256^2 calls 7.3 us, 512^2 12 us,
-# so tiles of ~300 px with their 18 px context beat whole 512^2+ images.
+# Input pixels per call on the CPU for a 64-feature local model (scaled by 64/features): NNPACK's throughput per call
+# falls beyond about 300^2 (353 GFLOP/s at 256^2, 197 at 512^2 on one 64->64 layer, 2 threads) while each tile pays
+# 2*18+4 px of context per axis (Compact), so tiles of ~310^2. A constant measured once (README, "Why the upscale
+# figures moved"), not a function of the machine's load.
 CPU_TILE_PIXELS = 96 * 1024
 
 
@@ -75,10 +77,15 @@ def target_size(
     return H, W
 
 
-def plan_passes(scale: int, height: int, width: int, out_h: int, out_w: int) -> list[tuple[int, int]]:
+def plan_passes(scale: int, height: int, width: int, out_h: int, out_w: int,
+                shrink_first: bool = False) -> list[tuple[int, int]]:
     """Input size of each model pass. Passes repeat until the model's output reaches the target; before the last
-    pass of a chain the intermediate is shrunk so that pass lands on the target instead of overshooting it."""
+    pass of a chain the intermediate is shrunk so that pass lands on the target instead of overshooting it.
+    `shrink_first`: a single pass that would overshoot the target (a x4 model for x2) runs on the input shrunk so
+    that it lands on the target (the memory guard's plan: less detail, a quarter of the intermediate or less)."""
     f = max(out_h / height, out_w / width)
+    if shrink_first and scale > 1 and f < scale:
+        return [(min(height, max(1, math.ceil(out_h / scale))), min(width, max(1, math.ceil(out_w / scale))))]
     n = 1 if scale <= 1 or f <= scale else math.ceil(math.log(f) / math.log(scale) - 1e-9)
     if n > MAX_PASSES:
         raise InputError(f"factor: {f:.3g}x needs {n} passes of this x{scale} model; at most {MAX_PASSES} are chained")
@@ -115,15 +122,16 @@ def upscale(
     manager = manager or get_manager()
     B, C, h, w = image.shape
     out_h, out_w = target_size(h, w, desc.scale, factor=factor, out_width=width, out_height=height)
+    split = desc.in_channels != 4 and C in (2, 4)
+    passes = memory_plan(desc, B, C, h, w, out_h, out_w, image.device, alpha_model=split and alpha == "model",
+                         manager=manager)
     with torch.inference_mode():
         x = image.float()
-        if desc.in_channels == 4 or C not in (2, 4):
-            colour, a = x, None
-        else:
-            colour, a = split_alpha(x)
-        out = _chain(desc, colour, out_h, out_w, tile or None, manager)
+        colour, a = split_alpha(x) if split else (x, None)
+        out = _chain(desc, colour, passes, out_h, out_w, tile or None, manager)
         if a is not None:
-            a = resize(a, out_h, out_w) if alpha == "resize" else _chain(desc, a, out_h, out_w, tile or None, manager)
+            a = resize(a, out_h, out_w) if alpha == "resize" else _chain(desc, a, passes, out_h, out_w, tile or None,
+                                                                         manager)
             out = torch.cat([out, a], dim=1)
         return out
 
@@ -138,13 +146,81 @@ def _check_image(image: torch.Tensor) -> None:
         raise InputError("image: the image has NaN or Inf pixels; fix the node that produced it")
 
 
-def _chain(desc: ModelDescriptor, x: torch.Tensor, out_h: int, out_w: int, tile: int | None,
-           manager: ModelManager) -> torch.Tensor:
-    """The model passes of `plan_passes`, then the final resize to exactly (out_h, out_w)."""
-    s = int(desc.scale)
-    for ph, pw in plan_passes(s, x.shape[-2], x.shape[-1], out_h, out_w):
+def _chain(desc: ModelDescriptor, x: torch.Tensor, passes: list[tuple[int, int]], out_h: int, out_w: int,
+           tile: int | None, manager: ModelManager) -> torch.Tensor:
+    """The model passes (input size of each, from `plan_passes`), then the final resize to exactly (out_h, out_w)."""
+    for ph, pw in passes:
         x = model_pass(desc, resize(x, ph, pw), tile=tile, manager=manager)
     return resize(x, out_h, out_w)
+
+
+# ---------------------------------------------------------------- the memory guard
+
+
+def request_bytes(desc: ModelDescriptor, batch: int, channels: int, passes: list[tuple[int, int]], out_h: int,
+                  out_w: int, *, alpha_model: bool = False, activations: int = 0) -> int:
+    """Peak bytes of new float32 tensors on the image's device for one request: each pass's input and output (the
+    tiling engine's accumulator) beside `activations`, the final resize, the alpha channel and the IMAGE copy the
+    node hands back."""
+    s, f4 = int(desc.scale), 4 * batch
+    colour = channels - 1 if channels in (2, 4) and desc.in_channels != 4 else channels
+    final = f4 * colour * out_h * out_w
+    peak = 0
+    for ph, pw in passes:
+        peak = max(peak, f4 * colour * ph * pw * (1 + s * s) + activations)
+    lh, lw = passes[-1][0] * s, passes[-1][1] * s
+    if (lh, lw) != (out_h, out_w):
+        peak = max(peak, f4 * colour * lh * lw + final)
+    whole = f4 * channels * out_h * out_w
+    if alpha_model:  # the alpha chain runs beside the colour result
+        peak = max(peak, final + request_bytes(desc, batch, 1, passes, out_h, out_w, activations=activations))
+    if whole != final:
+        peak = max(peak, final + whole)  # the concatenation
+    return int(max(peak, 2 * whole))  # the result and the node's IMAGE copy
+
+
+def memory_plan(desc: ModelDescriptor, batch: int, channels: int, height: int, width: int, out_h: int, out_w: int,
+                device: torch.device, *, alpha_model: bool = False,
+                manager: ModelManager | None = None) -> list[tuple[int, int]]:
+    """The passes of `plan_passes` when the request fits the free memory of `device` (where images and
+    intermediates live); else the plan that shrinks before a single overshooting pass when that fits; else
+    MemoryBudgetError saying how much is needed and how much is free. Nothing is allocated here."""
+    s = int(desc.scale)
+    manager = manager or get_manager()
+    free = host.free_bytes(device)
+    best: list[tuple[int, int]] = []
+    needs = []
+    for shrink in (False, True):
+        passes = plan_passes(s, height, width, out_h, out_w, shrink_first=shrink)
+        if passes == best:
+            continue
+        act = _activation_bytes(desc, device, manager, batch * max(ph * pw for ph, pw in passes))
+        need = request_bytes(desc, batch, channels, passes, out_h, out_w, alpha_model=alpha_model, activations=act)
+        needs.append(need)
+        if need <= free * REQUEST_SHARE:
+            if shrink:
+                log.warning("upscale: %dx%d -> %dx%d with a x%d model would need %.1f GiB (%.1f GiB free); shrinking "
+                            "the input to %dx%d first (%.1f GiB)", width, height, out_w, out_h, s, needs[0] / 2**30,
+                            free / 2**30, passes[0][1], passes[0][0], need / 2**30)
+            return passes
+        best = passes
+    raise MemoryBudgetError(
+        f"upscale: {batch} image(s) of {width}x{height} -> {out_w}x{out_h} with this x{s} "
+        f"{desc.architecture} model need about {min(needs) / 2**30:.2f} GiB "
+        f"({' / '.join(f'{n / 2**30:.2f}' for n in needs)} GiB by plan) but {free / 2**30:.2f} GiB is free "
+        f"(at most {REQUEST_SHARE:.0%} of it is used); choose a smaller factor or size, fewer images, or free memory")
+
+
+def _activation_bytes(desc: ModelDescriptor, device: torch.device, manager: ModelManager, pixels: int) -> int:
+    """Activations of one model call beside the images when the model runs on `device` (0 when it runs elsewhere,
+    e.g. on a GPU): what `tile_plan` allows (CPU tiles of local models; else up to the activation budget)."""
+    if manager.compute_device.type != device.type:
+        return 0
+    cap = manager.activation_budget(desc)
+    if device.type == "cpu" and desc.extra.scope == "local":
+        tile_px = CPU_TILE_PIXELS * 64 / max(1, desc.extra.features)
+        cap = min(cap, tile_px * scaled_bpp(desc.bytes_per_pixel))
+    return int(min(scaled_bpp(desc.bytes_per_pixel) * pixels, cap))
 
 
 # ---------------------------------------------------------------- one model pass
@@ -184,8 +260,7 @@ def run_model(desc: ModelDescriptor, x: torch.Tensor, *, tile: int | None = None
     def work(model: torch.nn.Module) -> torch.Tensor:
         device, dtype = placement(model)
         plan = tile_plan(desc, x.shape[-2], x.shape[-1], x.shape[0], device, dtype, tile, manager)
-        cpu32 = device.type == "cpu" and dtype == torch.float32
-        with cpu_threads(device.type == "cpu"), fast_cpu_convs(model, enabled=cpu32):
+        with torch.inference_mode():
             return tiled_apply(call, x, scale=int(desc.scale), out_channels=desc.out_channels, tile=plan.tile,
                                context=plan.context, blend=plan.blend, align=plan.align, max_batch=plan.max_batch,
                                device=device, dtype=dtype, progress=progress)

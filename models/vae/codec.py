@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn as nn
 
 from .. import budget, host
 from ..budget import call_budget, itemsize
+from ..cpu_conv import nnpack_usable
 from ..descriptor import ModelDescriptor
 from ..errors import InputError, ModelPathError
 from ..image import MAX_SIDE, match_channels, pad_multiple, split_alpha
@@ -194,17 +194,8 @@ def _nnpack(facts: VAEFacts, device: torch.device, dtype: torch.dtype) -> bool:
     """NNPACK's Winograd convolutions pay on the CPU for 64-channel layers (TAESD: about 2.8x measured)."""
     if not (facts.nnpack and device.type == "cpu" and dtype == torch.float32):
         return False
-    from ..upscale.cpu_conv import nnpack_usable
-
     return nnpack_usable()
 
-
-def _fast_convs(desc: ModelDescriptor, model: nn.Module, device: torch.device, dtype: torch.dtype):
-    if not _nnpack(desc.extra, device, dtype):
-        return nullcontext()
-    from ..upscale.cpu_conv import fast_cpu_convs
-
-    return fast_cpu_convs(model)
 
 
 # ------------------------------------------------------------------------------------------------------ encode
@@ -226,7 +217,7 @@ def encode(vae: VAE, image: torch.Tensor, *, sample: bool = False, seed: int = 0
     def work(model: nn.Module) -> torch.Tensor:
         device, dtype = placement(model)
         plan = _work(desc, "encode", device, dtype, tile, manager)
-        with torch.no_grad(), _fast_convs(desc, model, device, dtype), interruptible(model):  # Cancel between layers
+        with torch.no_grad(), interruptible(model):  # Cancel between layers
             if tile is None and plan.bytes_per_pixel * x.shape[-2] * x.shape[-1] <= plan.call_bytes:
                 if vae.facts.gaussian:
                     return torch.cat([t.float().cpu() for t in model.moments(x.to(device, dtype))], dim=1)
@@ -263,7 +254,7 @@ def decode(vae: VAE, latent: torch.Tensor, *, size: tuple[int, int] | None = Non
     def work(model: nn.Module) -> torch.Tensor:
         device, dtype = placement(model)
         plan = _work(desc, "decode", device, dtype, tile_latent, manager)
-        with torch.no_grad(), _fast_convs(desc, model, device, dtype), interruptible(model):  # Cancel between layers
+        with torch.no_grad(), interruptible(model):  # Cancel between layers
             one = plan.bytes_per_pixel * z.shape[-2] * z.shape[-1]
             if tile_latent is None and one * z.shape[0] <= plan.call_bytes:
                 return model.decode(z.to(device, dtype)).float().cpu()

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..budget import fit_side
+from ..cpu_conv import use_nnpack
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
 from ..tiling import conv_receptive_radius, even_tile, tiled_apply
@@ -342,6 +343,7 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
     model = TAESD(encoder, decoder, latent_channels=channels, downscale=32 if f32 else 8, variant=variant,
                   scale=extras.get("vae_scale"), shift=extras.get("vae_shift"))
     model.eval().requires_grad_(False)
+    use_nnpack(model)  # 64-channel 3x3 convolutions: NNPACK's Winograd kernels on the CPU in float32 (~2.8x measured)
     return _descriptor(model, variant, guessed, pool)
 
 

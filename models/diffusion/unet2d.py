@@ -443,16 +443,3 @@ def check_weights(expected: dict[str, tuple], sd: dict[str, torch.Tensor], what:
             if items:
                 parts.append(f"{len(items)} {name}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
         raise ModelLoadError(f"{what} does not match the weights: " + "; ".join(parts))
-
-
-def detect(state_dict: dict, meta: dict) -> bool:
-    """Registry entry (the file formats live in unet2d_io.py)."""
-    from .unet2d_io import detect as _detect
-
-    return _detect(state_dict, meta)
-
-
-def load(state_dict: dict, meta: dict) -> Any:
-    from .unet2d_io import load as _load
-
-    return _load(state_dict, meta)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
-from atelier.models.diffusion import adm, unet2d
+from atelier.models.diffusion import adm, unet2d_io
 from atelier.models.errors import InputError, ModelLoadError
 
 TOL = 1e-4  # the README's suggested single-forward tolerance
@@ -120,12 +120,12 @@ def test_class_labels_and_detection(golden_adm, tmp_path):
         desc.model(x, t)
     with pytest.raises(InputError, match=r"labels in \[0,10\)"):
         desc.model(x, t, torch.tensor([3, 10]))
-    assert adm.detect(sd, {}) and not unet2d.detect(sd, {})
+    assert adm.detect(sd, {}) and not unet2d_io.detect(sd, {})
     import diffusers
 
     u = diffusers.UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
                               up_block_types=("UpBlock2D",) * 2).state_dict()
-    assert unet2d.detect(u, {}) and not adm.detect(u, {})
+    assert unet2d_io.detect(u, {}) and not adm.detect(u, {})
 
 
 def test_weights_not_matching_their_layout(golden_adm, tmp_path):

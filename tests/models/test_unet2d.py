@@ -276,11 +276,9 @@ def test_class_labels_checked(tmp_path):
 
 
 def test_detector_claims_only_unets():
-    from atelier.models.diffusion import unet2d
-
-    assert unet2d.detect(reference("mixed_blocks").state_dict(), {})
+    assert unet2d_io.detect(reference("mixed_blocks").state_dict(), {})
     vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2).state_dict()
-    assert not unet2d.detect(vae, {})
+    assert not unet2d_io.detect(vae, {})
 
 
 def test_gradients_equal_diffusers(one_thread):

@@ -7,6 +7,8 @@ import pathlib
 import pytest
 import torch
 
+from helpers_golden import golden_folder  # tests/ is on pytest's pythonpath
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -69,7 +71,4 @@ def one_thread():
 @pytest.fixture(scope="module")
 def golden(shared_dir) -> pathlib.Path:
     """../shared/golden/stylegan: NVIDIA's StyleGAN outputs on random weights (README inside)."""
-    d = shared_dir / "golden" / "stylegan"
-    if not d.is_dir():
-        pytest.skip("shared/golden/stylegan missing")
-    return d
+    return golden_folder(shared_dir, "stylegan")

@@ -12,25 +12,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
+
+import comfy_worker  # beside this file (the script's folder is on sys.path)
 
 
 def main(comfy_dir: str, repo: str, models: str) -> dict:
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path.insert(0, comfy_dir)
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import comfy.model_management  # noqa: F401
-    import folder_paths
+    comfy_worker.start(comfy_dir, repo, "diffusers", os.path.join(models, "diffusers"))
     import torch
-
-    folder_paths.add_model_folder_path("diffusers", os.path.join(models, "diffusers"))
     import nodes as core  # ComfyUI's nodes.py
 
-    pkg_root = tempfile.mkdtemp(prefix="atelier_bridge_")
-    os.symlink(repo, os.path.join(pkg_root, "atelier"))
-    sys.path.insert(0, pkg_root)
     from atelier.nodes import diffusion as ours
 
     desc = ours.AtelierLoadDiffusionModel().load("diffusers/tiny/unet/diffusion_pytorch_model.safetensors")[0]

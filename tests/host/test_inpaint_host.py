@@ -11,23 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from atelier.models.vae import taesd
+from helpers_taesd import random_taesd_combined  # tests/ is on pytest's pythonpath
 
 pytestmark = pytest.mark.host
-
-
-def _taesd_vae() -> dict[str, torch.Tensor]:
-    """A TAESD in ComfyUI's combined layout with random weights (as tests/host/test_vae_interop.py makes it)."""
-    torch.manual_seed(4)
-    enc, dec = taesd.Encoder(4), taesd.Decoder(4)
-    with torch.no_grad():
-        for p in [*enc.parameters(), *dec.parameters()]:
-            p.mul_(1.5).add_(torch.randn_like(p) * 0.02)
-        dec[-1].bias.fill_(0.5)
-    sd = {f"taesd_encoder.{k}": v for k, v in enc.state_dict().items()}
-    sd.update({f"taesd_decoder.{k}": v for k, v in dec.state_dict().items()})
-    sd.update(vae_scale=torch.tensor(0.18215), vae_shift=torch.tensor(0.0))
-    return sd
 
 
 def _image(h: int, w: int) -> np.ndarray:  # [h,w,3] uint8
@@ -38,7 +24,7 @@ def _image(h: int, w: int) -> np.ndarray:  # [h,w,3] uint8
 
 
 def test_crop_stitch_round_trip_through_core_vae_keeps_unmasked_pixels(comfy):
-    save_file(_taesd_vae(), str(comfy.models_root / "vae" / "taesd_inpaint.safetensors"))
+    save_file(random_taesd_combined(), str(comfy.models_root / "vae" / "taesd_inpaint.safetensors"))
     img = _image(96, 128)
     comfy.put_input("inpaint_host.png", img)
     prompt = {

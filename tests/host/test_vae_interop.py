@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from atelier.models.vae import kl, taesd
+from atelier.models.vae import kl
+from helpers_taesd import random_taesd_combined  # tests/ is on pytest's pythonpath
 
 pytestmark = pytest.mark.host
 
@@ -49,20 +50,6 @@ def _sd_vae() -> dict[str, torch.Tensor]:
     return {k: v.half().contiguous() for k, v in model.state_dict().items()}  # fp16 on disk: half the file
 
 
-def _taesd_vae() -> dict[str, torch.Tensor]:
-    """A TAESD in ComfyUI's combined layout (taesd_encoder./taesd_decoder., vae_scale/vae_shift), random weights."""
-    torch.manual_seed(4)
-    enc, dec = taesd.Encoder(4), taesd.Decoder(4)
-    with torch.no_grad():
-        for p in [*enc.parameters(), *dec.parameters()]:
-            p.mul_(1.5).add_(torch.randn_like(p) * 0.02)
-        dec[-1].bias.fill_(0.5)
-    sd = {f"taesd_encoder.{k}": v for k, v in enc.state_dict().items()}
-    sd.update({f"taesd_decoder.{k}": v for k, v in dec.state_dict().items()})
-    sd.update(vae_scale=torch.tensor(0.18215), vae_shift=torch.tensor(0.0))
-    return sd
-
-
 def _image(h: int, w: int) -> torch.Tensor:  # IMAGE [1,h,w,3]
     skimage_data = pytest.importorskip("skimage.data")
     x = torch.from_numpy(np.ascontiguousarray(skimage_data.astronaut())).float().div(255)[None].movedim(-1, 1)
@@ -76,7 +63,7 @@ def test_latents_interchange_with_core_vae_nodes(tmp_path):
     comfy_dir, python = loc
     (tmp_path / "vae").mkdir()
     save_file(_sd_vae(), str(tmp_path / "vae" / "sd_random.safetensors"))
-    save_file(_taesd_vae(), str(tmp_path / "vae" / "taesd_random.safetensors"))
+    save_file(random_taesd_combined(), str(tmp_path / "vae" / "taesd_random.safetensors"))
     torch.save(_image(64, 96), tmp_path / "image.pt")
     torch.save(torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(5)), tmp_path / "latent.pt")
     proc = subprocess.run([python, str(HERE / "vae_interop_worker.py"), str(comfy_dir), str(REPO), str(tmp_path),
@@ -97,7 +84,7 @@ def test_latents_interchange_with_core_vae_nodes(tmp_path):
 
 
 def test_mixed_graph_runs_on_the_server(comfy):
-    save_file(_taesd_vae(), str(comfy.models_root / "vae" / "taesd_mixed.safetensors"))
+    save_file(random_taesd_combined(), str(comfy.models_root / "vae" / "taesd_mixed.safetensors"))
     comfy.put_input("vae_mixed.png", (_image(64, 96)[0].numpy() * 255).round().astype("uint8"))
     prompt = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "vae_mixed.png"}},

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from atelier.models.diffusion import adm, unet2d_io
 from atelier.models.errors import InputError, ModelLoadError
+from helpers_golden import golden_folder  # noqa: E402 (tests/ is on pytest's pythonpath)
 
 TOL = 1e-4  # the README's suggested single-forward tolerance
 NAMES = ("a", "b", "c", "d")
@@ -21,9 +22,7 @@ NAMES = ("a", "b", "c", "d")
 
 @pytest.fixture(scope="module")
 def golden_adm(shared_dir) -> pathlib.Path:
-    d = shared_dir / "golden" / "adm"
-    if not d.is_dir():
-        pytest.skip("shared/golden/adm missing")
+    d = golden_folder(shared_dir, "adm")
     return d
 
 

@@ -14,15 +14,14 @@ from safetensors.torch import load as st_load
 from atelier.models.diffusion import samplers as S
 from atelier.models.diffusion.denoiser import Denoiser
 from atelier.models.diffusion.schedules import sigmas_from_timesteps
+from helpers_golden import golden_folder  # noqa: E402 (tests/ is on pytest's pythonpath)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def golden_adm(shared_dir):
-    d = shared_dir / "golden" / "adm"
-    if not d.is_dir():
-        pytest.skip("shared/golden/adm missing")
+    d = golden_folder(shared_dir, "adm")
     return d
 
 

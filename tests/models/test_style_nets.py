@@ -9,6 +9,7 @@ import torch
 
 from atelier.models.errors import ModelLoadError
 from atelier.models.style import adain, fast_style, transfer
+from helpers_golden import golden_folder  # noqa: E402 (tests/ is on pytest's pythonpath)
 
 
 def _xz(path) -> dict[str, torch.Tensor]:
@@ -22,9 +23,7 @@ def _xz(path) -> dict[str, torch.Tensor]:
 def adain_gold(shared_dir):
     from safetensors.torch import load_file
 
-    d = shared_dir / "golden" / "adain"
-    if not d.is_dir():
-        pytest.skip("shared/golden/adain missing")
+    d = golden_folder(shared_dir, "adain")
     return _xz(d / "vgg_relu4_1.safetensors.xz"), _xz(d / "decoder.safetensors.xz"), load_file(str(d / "adain_io.safetensors"))
 
 
@@ -32,9 +31,7 @@ def adain_gold(shared_dir):
 def fast_gold(shared_dir):
     from safetensors.torch import load_file
 
-    d = shared_dir / "golden" / "fast_style"
-    if not d.is_dir():
-        pytest.skip("shared/golden/fast_style missing")
+    d = golden_folder(shared_dir, "fast_style")
     return _xz(d / "transformer.safetensors.xz"), load_file(str(d / "fast_style_io.safetensors"))
 
 

@@ -216,6 +216,21 @@ def progress_bar(total: int) -> Any:
     return comfy.utils.ProgressBar(total)
 
 
+def progress_text(text: str) -> None:
+    """Show `text` under the running node (ComfyUI's progress text); nothing outside ComfyUI or on a host without it."""
+    if not available():
+        return
+    try:
+        from comfy_execution.utils import get_executing_context  # noqa: PLC0415
+        from server import PromptServer  # noqa: PLC0415
+
+        ctx = get_executing_context()
+        if ctx is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, ctx.node_id)
+    except (ImportError, AttributeError):  # an older host: the bar alone
+        return
+
+
 def preview_payload(image: torch.Tensor | None, max_size: int = 512) -> Any:
     """A node preview for ProgressBar.update_absolute from [H,W,3] in 0..1 (ComfyUI's ("JPEG", PIL image, size)),
     or None."""

@@ -57,6 +57,14 @@ class Progress:
             self._tqdm.update(n)
         host.throw_if_interrupted()
 
+    def set_text(self, text: str) -> None:
+        """A short status next to the bar (the losses of a training step): tqdm's postfix outside ComfyUI, the
+        node's progress text inside it where the host supports one."""
+        if self._tqdm is not None:
+            self._tqdm.set_postfix_str(text, refresh=False)
+        elif self._comfy is not None:
+            host.progress_text(text)
+
     def close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()

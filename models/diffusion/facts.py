@@ -43,5 +43,7 @@ class DiffusionFacts:
     learned_variance: bool = False  # output has 2*in_channels channels
     latent: bool = False  # works on VAE latents (LATENT in/out) rather than pixels in -1..1
     schedule: TrainingSchedule = field(default_factory=TrainingSchedule)
+    null_class: int | None = None  # the class index trained as "no class" (classifier-free guidance), if any
+    class_names: tuple[str, ...] = ()  # names of the classes 0..num_classes-1 when the file says them
     time_input: str = "timestep"  # what t is: "timestep" (training step, 0..T-1) or "sigma" (Fourier-embedded
     #                               score-SDE UNets; their output is already divided by sigma)

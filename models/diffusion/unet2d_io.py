@@ -210,10 +210,33 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
     facts = DiffusionFacts(kind="UNet2DModel", in_channels=model.in_channels, sample_size=_size(full["sample_size"]),
                            size_multiple=model.size_multiple, num_classes=model.num_classes,
                            learned_variance=learned_variance, latent=latent, schedule=sched,
-                           time_input="sigma" if full["time_embedding_type"] == "fourier" else "timestep")
+                           time_input="sigma" if full["time_embedding_type"] == "fourier" else "timestep",
+                           **_classes(meta, model.num_classes))
     config_out = {**{k: full[k] for k in full}, "config_source": where, "guessed": guessed,
                   "scheduler_config": scheduler_config(sched, learned_variance)}
     return descriptor(model, facts, config_out, "UNet2DModel")
+
+
+def _classes(meta: dict, num_classes: int) -> dict[str, Any]:
+    """null_class / class_names from the metadata (written by the pack's trainer), checked against the UNet."""
+    out: dict[str, Any] = {}
+    null = meta.get("null_class")
+    if null not in (None, ""):
+        try:
+            n = int(null)
+        except (TypeError, ValueError):
+            raise ModelLoadError(f"metadata null_class: expected an integer, got {null!r}") from None
+        if not 0 <= n < num_classes:
+            raise ModelLoadError(f"metadata null_class: expected 0..{num_classes - 1} for this UNet, got {n}")
+        out["null_class"] = n
+    names = meta.get("class_names")
+    if names:
+        try:
+            parsed = json.loads(names) if isinstance(names, str) else names
+            out["class_names"] = tuple(str(x) for x in parsed)
+        except (TypeError, ValueError):
+            log.info("metadata class_names: not a JSON list; ignored")
+    return out
 
 
 def _build_inferred(cfg: dict[str, Any], sd: dict[str, torch.Tensor]) -> UNet2DModel:
@@ -283,7 +306,7 @@ def descriptor(model: UNet2DModel, facts: DiffusionFacts, config: dict[str, Any]
 # ---------------------------------------------------------------------------------------------------------------
 def save_unet(path: str | os.PathLike, model_or_sd: torch.nn.Module | dict[str, torch.Tensor], config: dict[str, Any],
               schedule: TrainingSchedule | None = None, *, learned_variance: bool = False,
-              latent: bool | None = None) -> str:
+              latent: bool | None = None, extra_meta: dict[str, str] | None = None) -> str:
     """Write one `.safetensors` with the config and training schedule as JSON metadata (temporary name, then rename)."""
     from safetensors.torch import save_file
 
@@ -300,6 +323,7 @@ def save_unet(path: str | os.PathLike, model_or_sd: torch.nn.Module | dict[str, 
         meta["scheduler_config"] = json.dumps(scheduler_config(schedule, learned_variance))
     if latent is not None:
         meta["latent"] = "true" if latent else "false"
+    meta.update(extra_meta or {})
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, tmp, metadata=meta)

@@ -84,9 +84,10 @@ def _pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> tuple[tor
     return a.float().expand(n, -1, -1, -1), b.to(a.device).float().expand(n, -1, -1, -1)
 
 
-def _chunks(n: int, per_item_bytes: int) -> list[slice]:
-    """Slices of a batch of n whose intermediates stay within one CPU call's budget."""
-    k = budget.fit_batch(per_item_bytes, n, budget.CPU_CALL_BYTES)
+def _chunks(n: int, per_item_bytes: int, what: str, device: torch.device) -> list[slice]:
+    """Slices of a batch of n whose intermediates stay within one call's budget (refused when one item cannot fit)."""
+    budget.require(per_item_bytes, what, device)
+    k = budget.fit_batch(per_item_bytes, n, budget.CPU_CALL_BYTES)  # a working set like any CPU call
     return [slice(i, min(n, i + k)) for i in range(0, n, k)]
 
 
@@ -95,7 +96,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0,
     """Peak signal-to-noise ratio in dB per image: 10 log10(range² / MSE); identical images give inf."""
     a, b = _pair(a, b, names)
     mse = torch.cat([(a[s].double() - b[s].double()).pow(2).flatten(1).mean(1)
-                     for s in _chunks(a.shape[0], budget.tensor_bytes(*a.shape[1:], dtype=torch.float64) * 3)])
+                     for s in _chunks(a.shape[0], budget.tensor_bytes(*a.shape[1:], dtype=torch.float64) * 3,
+                                      "PSNR", a.device)])
     return (10 * torch.log10(data_range**2 / mse)).cpu()
 
 
@@ -105,14 +107,25 @@ def _gaussian(device: torch.device, dtype: torch.dtype) -> torch.Tensor:  # [WIN
     return (g / g.sum()).to(device, dtype)
 
 
+def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # [...,H,W] -> [...,H-10,W-10]
+    """Separable Gaussian over the positions where the window fits: a weighted sum of shifted views (float64
+    convolutions have no fast CPU kernel; this is memory-bound and exact)."""
+    h, w = x.shape[-2:]
+    k, taps = len(g), g.tolist()
+    y = x[..., : w - k + 1] * taps[0]
+    for i in range(1, k):
+        y.add_(x[..., i : i + w - k + 1], alpha=taps[i])
+    z = y[..., : h - k + 1, :] * taps[0]
+    for i in range(1, k):
+        z.add_(y[..., i : i + h - k + 1, :], alpha=taps[i])
+    return z
+
+
 def _ssim_cs(a: torch.Tensor, b: torch.Tensor, data_range: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(SSIM, contrast-structure) per image of [n,C,H,W], each averaged over the valid window positions and the
     channels -> ([n], [n])."""
-    n, c, h, w = a.shape
     g = _gaussian(a.device, a.dtype)
-    x = torch.stack([a, b, a * a, b * b, a * b]).reshape(5 * n * c, 1, h, w)
-    x = F.conv2d(x, g.view(1, 1, 1, WINDOW))  # valid: only where the window fits
-    x = F.conv2d(x, g.view(1, 1, WINDOW, 1)).reshape(5, n, c, h - WINDOW + 1, w - WINDOW + 1)
+    x = _blur(torch.stack([a, b, a * a, b * b, a * b]), g)  # [5,n,c,h-10,w-10]
     mu_a, mu_b, e_aa, e_bb, e_ab = x.unbind(0)
     var_a, var_b, cov = e_aa - mu_a * mu_a, e_bb - mu_b * mu_b, e_ab - mu_a * mu_b
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
@@ -122,7 +135,7 @@ def _ssim_cs(a: torch.Tensor, b: torch.Tensor, data_range: float) -> tuple[torch
 
 
 def _ssim_bytes(c: int, h: int, w: int) -> int:
-    return budget.tensor_bytes(16, c, h, w, dtype=torch.float64)  # stacked maps, convolutions, the terms
+    return budget.tensor_bytes(16, c, h, w, dtype=torch.float64)  # stacked maps, the blurred ones, the terms
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0,
@@ -133,7 +146,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0,
         raise InputError(f"{names[0]}: SSIM needs images of at least {WINDOW}x{WINDOW} pixels (its window), got "
                          f"{a.shape[-2]}x{a.shape[-1]}")
     out = []
-    parts = _chunks(a.shape[0], _ssim_bytes(*a.shape[1:]))
+    parts = _chunks(a.shape[0], _ssim_bytes(*a.shape[1:]), f"SSIM of {a.shape[-2]}x{a.shape[-1]} images", a.device)
     with Progress(len(parts), "SSIM", enabled=len(parts) > 1) as p:
         for s in parts:
             out.append(_ssim_cs(a[s].double(), b[s].double(), data_range)[0])
@@ -151,7 +164,7 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0,
                          f"the {WINDOW}-pixel window must fit at 1/16 size), got {h}x{w}; use SSIM for small images")
     weights = torch.tensor(MS_WEIGHTS, dtype=torch.float64, device=a.device)
     out = []
-    parts = _chunks(a.shape[0], _ssim_bytes(*a.shape[1:]) * 4 // 3)
+    parts = _chunks(a.shape[0], _ssim_bytes(*a.shape[1:]) * 4 // 3, f"MS-SSIM of {h}x{w} images", a.device)
     with Progress(len(parts), "MS-SSIM", enabled=len(parts) > 1) as p:
         for s in parts:
             x, y = a[s].double(), b[s].double()

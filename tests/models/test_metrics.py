@@ -70,6 +70,15 @@ def test_psnr_data_range_scales_as_the_formula():
                                torch.full((2,), 20 * np.log10(2.0), dtype=torch.float64))
 
 
+def test_ssim_in_bands_of_rows_equals_the_whole_image(monkeypatch):
+    a = torch.rand(2, 3, 190, 200)
+    b = _degraded(a, 0.1)
+    whole_s, whole_m = metrics.ssim(a, b), metrics.ms_ssim(a, b)
+    monkeypatch.setattr(metrics.budget, "CPU_CACHE_BYTES", 64 << 10)  # a few rows per band
+    torch.testing.assert_close(metrics.ssim(a, b), whole_s, atol=1e-12, rtol=0)
+    torch.testing.assert_close(metrics.ms_ssim(a, b), whole_m, atol=1e-12, rtol=0)
+
+
 # ---------------------------------------------------------------- MS-SSIM
 
 
@@ -264,3 +273,23 @@ def test_features_refuse_a_model_of_another_family(manager, models_root, shared_
     vae = manager.load("vae_fc.pth", "feature_extractors")
     with pytest.raises(InputError, match="expected a feature extractor, got a vae model"):
         metrics.features(vae, torch.rand(2, 1, 28, 28))
+
+
+def test_cancel_stops_the_image_metrics(lenet):
+    from atelier.models import host
+    from atelier.models.errors import Interrupted
+
+    a = torch.rand(1, 1, 200, 200)
+    for fn in (metrics.ssim, metrics.ms_ssim):
+        host.request_interrupt()
+        try:
+            with pytest.raises(Interrupted):
+                fn(a, a)
+        finally:
+            host.clear_interrupt()
+    host.request_interrupt()
+    try:
+        with pytest.raises(Interrupted):
+            metrics.features(lenet, torch.rand(4, 1, 28, 28))
+    finally:
+        host.clear_interrupt()

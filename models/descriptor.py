@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-FAMILIES = ("gan", "vae", "diffusion", "upscale", "inpaint", "style")
+FAMILIES = ("gan", "vae", "diffusion", "upscale", "inpaint", "style", "features")
 
 
 @dataclass(frozen=True)

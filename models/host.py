@@ -19,7 +19,7 @@ import torch
 log = logging.getLogger(__name__)
 
 # The pack's own model folders (ComfyUI has the others already).
-PACK_FOLDERS = ("gans", "inpaint", "style")
+PACK_FOLDERS = ("gans", "inpaint", "style", "feature_extractors")
 
 
 def _mm() -> ModuleType | None:

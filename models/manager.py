@@ -41,7 +41,7 @@ from .loading import MODEL_EXTENSIONS, read_state_dict
 log = logging.getLogger(__name__)
 
 FOLDERS = ("upscale_models", "vae", "vae_approx", "checkpoints", "diffusion_models", "diffusers", "gans", "inpaint",
-           "style")
+           "style", "feature_extractors")
 ENV_MODELS = "ATELIER_MODELS"
 
 

@@ -34,6 +34,7 @@ DETECTORS: list[tuple[str, str]] = [
     ("MicroAST", ".style.microast"),
     ("AdaIN", ".style.adain"),
     ("TransformerNet", ".style.fast_style"),
+    ("LeNet-5 (feature network)", ".features.lenet"),
     ("spandrel", ".spandrel_arch"),
 ]
 

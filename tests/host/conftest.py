@@ -66,6 +66,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "diffusers": (),  # a tiny random UNet2DModel folder is written there (helpers_diffusion.write_tiny_folder)
     "style": tuple(f"microast/{part}_iter_160000.pth.tar"  # MicroAST: the four parts side by side
                    for part in ("content_encoder", "style_encoder", "modulator", "decoder")),
+    "feature_extractors": ("mnist/lenet_classifier.pth",),
 }
 # Real weights shipped inside registry packages (installed --no-deps by .ci/setup; read as files, never imported),
 # under the names .ci/models gives them: (folder, package, file inside the package, name in the folder).

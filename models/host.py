@@ -38,8 +38,19 @@ def _folder_paths() -> ModuleType | None:
 # ---------------------------------------------------------------- folders
 
 
+# The pack's own trained models ship in pretrained/<folder>/ beside this package; loaders list them out of the box.
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrained")
+
+
+def pretrained_dir(folder: str) -> str | None:
+    """The pack's shipped models for a model folder (pretrained/<folder>), or None when it ships none there."""
+    d = os.path.join(PRETRAINED_DIR, folder)
+    return d if os.path.isdir(d) else None
+
+
 def register_folders(extensions: tuple[str, ...]) -> None:
-    """Register the pack's model folders with folder_paths (merging into any that extra_model_paths.yaml made)."""
+    """Register the pack's model folders with folder_paths (merging into any that extra_model_paths.yaml made), and
+    the shipped models (pretrained/<folder>) as the last place of their folder, after the user's own."""
     fp = _folder_paths()
     if fp is None:
         return
@@ -53,6 +64,10 @@ def register_folders(extensions: tuple[str, ...]) -> None:
                 exts.update(extensions)
         else:
             fp.folder_names_and_paths[name] = ([default], set(extensions))
+    for name in os.listdir(PRETRAINED_DIR) if os.path.isdir(PRETRAINED_DIR) else ():
+        d = pretrained_dir(name)
+        if d is not None and name in fp.folder_names_and_paths and d not in fp.folder_names_and_paths[name][0]:
+            fp.folder_names_and_paths[name][0].append(d)
 
 
 def provide_example_inputs(src_dir: str) -> list[str]:

@@ -104,7 +104,10 @@ class ModelManager:
 
     def folder_dirs(self, folder: str) -> list[str]:
         dirs = host.folder_dirs(folder)
-        return dirs if dirs is not None else [os.path.join(self.models_root, folder)]
+        if dirs is not None:
+            return dirs
+        shipped = host.pretrained_dir(folder)  # the pack's own trained models, after the user's folder
+        return [os.path.join(self.models_root, folder)] + ([shipped] if shipped else [])
 
     def list_models(self, folder: str) -> list[str]:
         """Model file names (relative to their folder) a loader node offers."""

@@ -80,7 +80,8 @@ def class_labels(facts: DiffusionFacts, class_label: int, seed: int, batch: int)
     if class_label >= 0:
         labels = torch.full((batch,), int(class_label), dtype=torch.long)
     else:
-        labels = torch.stack([torch.randint(facts.num_classes, (), generator=generator(seed + i, LABEL_STREAM))
+        real = facts.num_classes - (1 if facts.null_class == facts.num_classes - 1 else 0)  # never the null class
+        labels = torch.stack([torch.randint(real, (), generator=generator(seed + i, LABEL_STREAM))
                               for i in range(batch)])
     check_class_labels(facts, labels)
     return labels

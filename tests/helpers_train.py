@@ -88,3 +88,18 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def listing(folder: str) -> list[str]:
     return sorted(os.listdir(folder))
+
+
+def tiny_diffusion_task(resolution: int = 8, channels: int = 1, attention: bool = True):
+    """The diffusion family's task with a ~10k-parameter UNet (two levels, GroupNorm of 4 groups; attention in the
+    middle block unless attention=False)."""
+    from atelier.models.diffusion.train import DiffusionTask
+    from atelier.models.diffusion.unet2d import full_config
+
+    task = DiffusionTask(resolution=resolution, channels=channels, size="tiny", preview_steps=2)
+    task.config = full_config({"sample_size": resolution, "in_channels": channels, "out_channels": channels,
+                               "block_out_channels": [8, 16], "layers_per_block": 1,
+                               "down_block_types": ["DownBlock2D", "DownBlock2D"],
+                               "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4,
+                               "attention_head_dim": 8, "add_attention": attention})
+    return task

@@ -14,7 +14,7 @@ from atelier.models.errors import InputError, Interrupted
 from atelier.models.train import loop as loop_mod
 from atelier.models.train.checkpoint import check_resume, load_state, plan_output, state_path
 from atelier.models.train.loop import Trainer, TrainingError, TrainSettings
-from helpers_train import AETask, listing, max_diff, random_dataset
+from helpers_train import AETask, listing, max_diff, random_dataset, tiny_diffusion_task
 
 CPU = torch.device("cpu")
 TOL = 1e-5
@@ -279,19 +279,6 @@ def test_progress_lines_in_the_log_without_a_bar(tmp_path, monkeypatch, caplog):
 
 
 # ------------------------------------------------------------------------------------------------ diffusion file
-
-
-def tiny_diffusion_task(resolution: int = 8, channels: int = 1):
-    from atelier.models.diffusion.train import DiffusionTask
-    from atelier.models.diffusion.unet2d import full_config
-
-    task = DiffusionTask(resolution=resolution, channels=channels, size="tiny", preview_steps=2)
-    task.config = full_config({"sample_size": resolution, "in_channels": channels, "out_channels": channels,
-                               "block_out_channels": [8, 16], "layers_per_block": 1,
-                               "down_block_types": ["DownBlock2D", "DownBlock2D"],
-                               "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4,
-                               "attention_head_dim": 8})
-    return task
 
 
 def test_saved_diffusion_model_loads_through_the_manager_as_the_ema_net(manager, models_root):

@@ -65,6 +65,7 @@ class TrainState:
     ema: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     optim: dict[str, dict[str, Any]] = field(default_factory=dict)  # torch optimizer state_dicts
     extra: dict[str, Any] = field(default_factory=dict)  # JSON the task keeps (e.g. class names)
+    scaler: dict[str, Any] = field(default_factory=dict)  # the fp16 gradient scaler's state (JSON), if any
 
     def describe(self) -> str:
         return f"a {self.kind} run {self.run} at step {self.step} of {json.dumps(self.arch, sort_keys=True)}"
@@ -89,6 +90,8 @@ def _flatten(state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, str]
     meta = {"format": FORMAT, "kind": state.kind, "arch": state.arch, "run": state.run, "step": state.step,
             "settings": state.settings, "optim": optim_meta, "extra": state.extra,
             "history_names": list(state.history)}
+    if state.scaler:
+        meta["scaler"] = state.scaler
     return ({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             {"atelier_train_state": json.dumps(meta)})
 
@@ -128,7 +131,7 @@ def load_state(path: str) -> TrainState:
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"training state {path!r}: cannot read its tensors ({e})") from None
     state = TrainState(meta["kind"], meta["arch"], meta["run"], int(meta["step"]), meta.get("settings", {}),
-                       extra=meta.get("extra", {}))
+                       extra=meta.get("extra", {}), scaler=meta.get("scaler", {}))
     optim: dict[str, dict[str, Any]] = {n: {"param_groups": o["param_groups"], "state": {}}
                                         for n, o in meta.get("optim", {}).items()}
     for key, v in tensors.items():

@@ -319,6 +319,8 @@ class Trainer:
                 for g in opt.param_groups:  # the settings of this call win (e.g. a lower learning rate)
                     g.update({k: v for k, v in kw.items() if k != "lr"})
             self.opts[oname] = (opt, params)
+        if self.scaler is not None and self.resume and self.resume.scaler:
+            self.scaler.load_state_dict(self.resume.scaler)
 
     # ------------------------------------------------------------------ one step
 
@@ -400,7 +402,8 @@ class Trainer:
                            nets={n: m.state_dict() for n, m in self.nets.items()},
                            ema={n: m.state_dict() for n, m in self.ema.items()},
                            optim={n: o.state_dict() for n, (o, _) in self.opts.items()},
-                           extra=self.task.extra_state())
+                           extra=self.task.extra_state(),
+                           scaler=dict(self.scaler.state_dict()) if self.scaler is not None else {})
         meta = {"atelier_train": json.dumps({"run": self.run_id, "step": self.step, "kind": self.task.kind})}
         folder, name = os.path.split(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)

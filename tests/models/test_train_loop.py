@@ -307,3 +307,20 @@ def test_resolution_the_unet_cannot_build():
 
     with pytest.raises(InputError, match="multiple of 4; got 10"):
         DiffusionTask(resolution=10, channels=1, size="tiny")
+
+
+def test_state_file_round_trip_is_exact(tmp_path):
+    from atelier.models.train.checkpoint import TrainState, save_state
+
+    hist = [0.1, 1 / 3, 2.0 ** -30 + 1.0]
+    st = TrainState("k", {"a": 1}, "run1", 3, {"seed": 2}, {"loss": hist}, nets={"n": {"w": torch.arange(3.0)}},
+                    optim={"n": {"param_groups": [{"lr": 0.1, "params": [0]}],
+                                 "state": {0: {"exp_avg": torch.ones(3), "step": torch.tensor(3.0)}}}},
+                    extra={"class_names": ["x"]}, scaler={"scale": 1024.0, "_growth_tracker": 7})
+    p = str(tmp_path / "s.train-state")
+    save_state(p, st)
+    back = load_state(p)
+    assert back.history["loss"] == hist  # float64: a resumed history equals an uninterrupted one bit for bit
+    assert back.scaler == st.scaler and back.extra == st.extra and back.step == 3
+    assert torch.equal(back.optim["n"]["state"][0]["exp_avg"], torch.ones(3))
+    assert back.optim["n"]["param_groups"] == st.optim["n"]["param_groups"]

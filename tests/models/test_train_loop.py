@@ -272,8 +272,14 @@ def test_gradient_clipping_bounds_the_norm(tmp_path):
 def test_progress_lines_in_the_log_without_a_bar(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(loop_mod, "LOG_EVERY_STEPS", 2)
     monkeypatch.setattr(loop_mod, "LOG_EVERY_SECONDS", 0.0)
+    shown: list[torch.Tensor] = []
     with caplog.at_level(logging.INFO, logger="atelier.models.train.loop"):
-        train(tmp_path / "l.safetensors", steps=4)
+        t = Trainer(AETask(), random_dataset(), settings(steps=4, preview_every=3, precision="bf16"),
+                    str(tmp_path / "l.safetensors"), device=CPU)
+        r = t.run(shown.append)
+    assert t.amp_dtype is None  # mixed precision on CUDA only: fp32 on the CPU
+    assert len(shown) == 2 and shown[0].shape == (16, 3, 8, 8)  # step 3 and the last step
+    assert torch.equal(r.preview, shown[-1])
     lines = [r.getMessage() for r in caplog.records if "step" in r.getMessage() and "steps/s" in r.getMessage()]
     assert any("step 2/4" in m and "loss" in m for m in lines) and any("step 4/4" in m for m in lines)
 

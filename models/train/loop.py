@@ -105,7 +105,9 @@ class TrainTask:
         raise NotImplementedError
 
     def save_model(self, path: str, nets: dict[str, nn.Module], meta: dict[str, str]) -> None:
-        """Write the family's model file (temporary name, then rename) with `meta` added to its metadata."""
+        """Write the family's model file to `path` with `meta` added to its metadata: one file, as it is (the loop
+        passes a temporary name in the output folder, with the output's extension, and renames it together with
+        the state file once both are complete)."""
         raise NotImplementedError
 
     def extra_state(self) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class TrainState:
     ema: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     optim: dict[str, dict[str, Any]] = field(default_factory=dict)  # torch optimizer state_dicts
     extra: dict[str, Any] = field(default_factory=dict)  # JSON the task keeps (e.g. class names)
+    scaler: dict[str, Any] = field(default_factory=dict)  # the fp16 gradient scaler's state (JSON), if any
 
     def describe(self) -> str:
         return f"a {self.kind} run {self.run} at step {self.step} of {json.dumps(self.arch, sort_keys=True)}"
@@ -85,19 +86,26 @@ def _flatten(state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, str]
                 else:
                     optim_meta[name]["scalars"][f"{idx}.{k}"] = v
     for name, values in state.history.items():
-        tensors[f"loss.{name}"] = torch.tensor(values, dtype=torch.float32)
+        tensors[f"loss.{name}"] = torch.tensor(values, dtype=torch.float64)  # exact (files of float32 read too)
     meta = {"format": FORMAT, "kind": state.kind, "arch": state.arch, "run": state.run, "step": state.step,
             "settings": state.settings, "optim": optim_meta, "extra": state.extra,
             "history_names": list(state.history)}
+    if state.scaler:
+        meta["scaler"] = state.scaler
     return ({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             {"atelier_train_state": json.dumps(meta)})
 
 
-def save_state(path: str, state: TrainState) -> None:
+def write_state(path: str, state: TrainState) -> None:
+    """Write `state` to `path` as it is (callers write to a temporary name: see save_state)."""
     from safetensors.torch import save_file
 
     tensors, meta = _flatten(state)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    save_file(tensors, path, metadata=meta)
+
+
+def save_state(path: str, state: TrainState) -> None:
+    atomic_write(path, lambda tmp: write_state(tmp, state))
 
 
 def read_header(path: str) -> dict[str, Any]:
@@ -123,7 +131,7 @@ def load_state(path: str) -> TrainState:
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"training state {path!r}: cannot read its tensors ({e})") from None
     state = TrainState(meta["kind"], meta["arch"], meta["run"], int(meta["step"]), meta.get("settings", {}),
-                       extra=meta.get("extra", {}))
+                       extra=meta.get("extra", {}), scaler=meta.get("scaler", {}))
     optim: dict[str, dict[str, Any]] = {n: {"param_groups": o["param_groups"], "state": {}}
                                         for n, o in meta.get("optim", {}).items()}
     for key, v in tensors.items():

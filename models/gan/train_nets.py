@@ -7,10 +7,12 @@ Radford, Metz & Chintala 2016 (DCGAN), sized from the resolution (4 * 2**k pixel
   Class-conditional: `label_emb` = nn.Embedding(num_classes, embed_dim), its row concatenated AFTER z (the loader's
   default order). Widths: base_width at the last hidden stage, doubling toward the 4x4 start, capped at 8 * base_width.
 - D: the mirror: Conv2d(4, 2, 1) + LeakyReLU(0.2) stages down to 4x4, then Conv2d(w, 1, 4) -> one logit per image.
-  No normalisation in D: BatchNorm would couple the samples of a batch, which breaks the per-sample gradient penalty
-  of WGAN-GP (Gulrajani et al. 2017 drop it for that reason); with none, one D serves all three losses of `losses.py`.
+  No BatchNorm in D: it couples the samples of a batch, which breaks the per-sample gradient penalty of WGAN-GP
+  (Gulrajani et al. 2017 drop it for that reason). `d_norm` is "none" or "spectral" (Miyato et al. 2018, on every
+  convolution and the projection): both are per sample, so one D serves all three losses of `losses.py`.
   Class-conditional D: projection (Miyato & Koyama 2018): logit = conv(h) + <embed(y), sum_hw h> on the 4x4 features.
-- Init: DCGAN's N(0, 0.02) for convolution and embedding weights, N(1, 0.02) for BatchNorm scales, zero biases.
+- Init: DCGAN's N(0, 0.02) for convolutions and D's projection, N(1, 0.02) for BatchNorm scales, zero biases; G's label
+  embedding N(0, 1) like the z it is concatenated to.
 
 `save_dcgan` writes G as `.safetensors` with its config (z_dim, c_dim, resolution, class_names, ...) as JSON metadata;
 the manager loads it back through `dcgan.load` like any other DCGAN generator.
@@ -50,9 +52,11 @@ def widths(resolution: int, base_width: int) -> list[int]:
 
 
 def dcgan_init(module: nn.Module) -> None:
-    """DCGAN weight init: N(0, 0.02) convolutions and embeddings, N(1, 0.02) BatchNorm scales, zero biases."""
+    """DCGAN weight init: N(0, 0.02) convolutions, N(1, 0.02) BatchNorm scales, zero biases. Embeddings are left to
+    their owner (G's label rows sit beside z ~ N(0, 1): at 0.02 the label would be lost in the noise for thousands of
+    steps)."""
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, 0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
@@ -101,6 +105,8 @@ class DCGANGeneratorNet(nn.Module):
         layers += [nn.ConvTranspose2d(ws[-1], channels, 4, 2, 1), nn.Tanh()]  # [B,C,R,R]
         self.main = nn.Sequential(*layers)
         dcgan_init(self)
+        if num_classes:
+            nn.init.normal_(self.label_emb.weight, 0.0, 1.0)  # the scale of z
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # [B,C,R,R] in [-1,1]
         if z.dim() != 2 or z.shape[1] != self.z_dim:
@@ -119,6 +125,7 @@ class DCGANDiscriminatorNet(nn.Module):
         channels: int,  # input channels: 1 or 3
         base_width: int = 64,  # channels of the first stage; doubled per stage, capped at 8x
         num_classes: int = 0,  # 0 = unconditional
+        norm: str = "none",  # "none" or "spectral" (Miyato et al. 2018): per-sample, so fine with every loss
     ) -> None:
         super().__init__()
         _check_sizes(channels, 1, base_width, num_classes)
@@ -132,6 +139,14 @@ class DCGANDiscriminatorNet(nn.Module):
         if num_classes:
             self.embed = nn.Embedding(num_classes, ws[-1])  # projection vectors
         dcgan_init(self)
+        if num_classes:
+            nn.init.normal_(self.embed.weight, 0.0, 0.02)
+        if norm == "spectral":
+            for m in [*self.features, self.head, *([self.embed] if num_classes else [])]:
+                if isinstance(m, (nn.Conv2d, nn.Embedding)):
+                    nn.utils.parametrizations.spectral_norm(m)
+        elif norm != "none":
+            raise InputError(f"norm: expected 'none' or 'spectral', got {norm!r}")
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # [B] logits
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.channels, self.resolution, self.resolution):
@@ -154,11 +169,11 @@ def _check_sizes(channels: int, z_dim: int, base_width: int, num_classes: int) -
 
 
 def build_dcgan(resolution: int, channels: int, z_dim: int = 100, base_width: int = 64, num_classes: int = 0,
-                embed_dim: int | None = None) -> tuple[DCGANGeneratorNet, DCGANDiscriminatorNet]:
+                embed_dim: int | None = None, d_norm: str = "none") -> tuple[DCGANGeneratorNet, DCGANDiscriminatorNet]:
     """(G, D) for `resolution` (4 * 2**k: 8..256) and `channels` (1|3), DCGAN-initialised, in training mode."""
     check_resolution(resolution)
     g = DCGANGeneratorNet(resolution, channels, z_dim, base_width, num_classes, embed_dim)
-    d = DCGANDiscriminatorNet(resolution, channels, base_width, num_classes)
+    d = DCGANDiscriminatorNet(resolution, channels, base_width, num_classes, d_norm)
     return g, d
 
 

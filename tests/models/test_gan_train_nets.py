@@ -114,16 +114,33 @@ def test_invalid_sizes_and_labels_are_refused():
         D(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))
 
 
-def test_init_and_discriminator_is_per_sample():
-    G, D = build_dcgan(64, 3, base_width=16, num_classes=10)
+@pytest.mark.parametrize("d_norm", ["none", "spectral"])
+def test_init_and_discriminator_is_per_sample(d_norm):
+    G, D = build_dcgan(64, 3, base_width=16, num_classes=10, d_norm=d_norm)
     w = G.main[3].weight
     assert abs(w.mean().item()) < 2e-3 and abs(w.std().item() - 0.02) < 2e-3  # DCGAN's N(0, 0.02)
+    e = G.label_emb.weight
+    assert abs(e.std().item() - 1.0) < 0.15  # the label rows on z's scale
     assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in D.modules())
     x, y = torch.randn(5, 3, 64, 64), torch.arange(5)
-    D.train()
+    D.train(d_norm == "none")  # spectral norm's power iteration steps on every training-mode call
     with torch.no_grad():  # a sample's logit does not depend on the rest of its batch
         assert (D(x, y)[:2] - D(x[:2], y[:2])).abs().max().item() <= TOL
         assert (D(x, y) - D(x, y.roll(1))).abs().max() > 0  # the projection uses the label
+
+
+def test_spectral_norm_bounds_each_layer():
+    _, D = build_dcgan(16, 1, base_width=8, d_norm="spectral")
+    D.train()
+    with torch.no_grad():
+        for _ in range(20):  # power iterations converge
+            D(torch.randn(2, 1, 16, 16))
+    D.eval()
+    for conv in [*D.features[::2], D.head]:
+        sigma = torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2).item()  # of the reshaped kernel, as SN uses
+        assert sigma == pytest.approx(1.0, rel=1e-2)
+    with pytest.raises(InputError, match="norm"):
+        build_dcgan(16, 1, d_norm="batch")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,12 +217,16 @@ def test_gradient_penalty_closed_forms():
     assert quad.a.grad.item() == pytest.approx((2.0 * 2 * (n - 1) * 2 * n).mean().item(), rel=1e-4)
 
 
-def test_gradient_penalty_trains_a_real_discriminator_and_checks_shapes():
-    _, D = build_dcgan(8, 1, base_width=4, num_classes=3)
+@pytest.mark.parametrize("d_norm", ["none", "spectral"])
+def test_gradient_penalty_trains_a_real_discriminator_and_checks_shapes(d_norm):
+    _, D = build_dcgan(8, 1, base_width=4, num_classes=3, d_norm=d_norm)
     real, fake, y = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    D.eval()  # (spectral norm would step its power iteration between the two calls)
     a = gradient_penalty(D, real, fake, y, generator=torch.Generator().manual_seed(1))
     b = gradient_penalty(D, real, fake, y, generator=torch.Generator().manual_seed(1))
     assert a.item() == b.item() and a.item() > 0  # reproducible from the passed generator
+    D.train()
+    a = gradient_penalty(D, real, fake, y, generator=torch.Generator().manual_seed(1))
     a.backward()
     assert all(p.grad is not None for p in D.features.parameters())
     with pytest.raises(InputError, match="fake"):

@@ -10,6 +10,8 @@ Networks" (the layout of the PyTorch DCGAN tutorial). Everything is read from th
   `[num_classes, embed_dim]`) gives both numbers. A concatenated one-hot label cannot be told from noise by shape:
   meta `config` (`{"z_dim": 100, "c_dim": 8}` in safetensors metadata) decides; without it, a first layer wider than a
   usual z size is split as usual-z + classes (108 -> 100 + 8), logged and recorded in `config["c_dim_source"]`.
+- class names: meta `config["class_names"]` (one string per class, as `train_nets.save_dcgan` writes them) is kept in
+  the descriptor's config; otherwise the classes are named "0".."c_dim-1".
 
 The generator follows the one GAN contract (`contract.py`, a `LatentGenerator`): without a mapping network,
 truncation scales z toward its mean (0): z * psi.
@@ -243,5 +245,16 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
             "ngf": plan.stages[-2].out_ch,
             "output_range": list(model.output_range),
             "batchnorm_folded": True,
+            "class_names": class_names(cfg, c_dim),
         },
     )
+
+
+def class_names(cfg: dict, c_dim: int) -> list[str]:
+    """The metadata's class names when they are one string per class, else "0".."c_dim-1" (logged when ignored)."""
+    names = cfg.get("class_names")
+    if isinstance(names, list) and len(names) == c_dim and all(isinstance(n, str) for n in names):
+        return list(names)
+    if names is not None:
+        log.warning("DCGAN: config class_names ignored (expected %d names, got %r)", c_dim, names)
+    return [str(i) for i in range(c_dim)]

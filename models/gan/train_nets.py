@@ -180,7 +180,8 @@ def build_dcgan(resolution: int, channels: int, z_dim: int = 100, base_width: in
     return g, d
 
 
-def save_dcgan(path: str | os.PathLike, G: DCGANGeneratorNet, config: dict[str, Any] | None = None) -> str:
+def save_dcgan(path: str | os.PathLike, G: DCGANGeneratorNet, config: dict[str, Any] | None = None,
+               extra_meta: dict[str, str] | None = None) -> str:
     """Write G as `.safetensors` (temporary name, then rename) with its config as JSON metadata: z_dim, c_dim,
     resolution, channels, class_names (one per class; default "0".."n-1") plus whatever `config` adds (loss, steps)."""
     from safetensors.torch import save_file
@@ -200,7 +201,7 @@ def save_dcgan(path: str | os.PathLike, G: DCGANGeneratorNet, config: dict[str, 
         raise InputError("G: not a DCGAN generator layout the loader reads (build it with build_dcgan)")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file(sd, tmp, metadata={"config": json.dumps(cfg), "architecture": "DCGAN"})
+        save_file(sd, tmp, metadata={**(extra_meta or {}), "config": json.dumps(cfg), "architecture": "DCGAN"})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -85,7 +85,7 @@ def _flatten(state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, str]
                 else:
                     optim_meta[name]["scalars"][f"{idx}.{k}"] = v
     for name, values in state.history.items():
-        tensors[f"loss.{name}"] = torch.tensor(values, dtype=torch.float32)
+        tensors[f"loss.{name}"] = torch.tensor(values, dtype=torch.float64)  # exact (files of float32 read too)
     meta = {"format": FORMAT, "kind": state.kind, "arch": state.arch, "run": state.run, "step": state.step,
             "settings": state.settings, "optim": optim_meta, "extra": state.extra,
             "history_names": list(state.history)}
@@ -93,11 +93,16 @@ def _flatten(state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, str]
             {"atelier_train_state": json.dumps(meta)})
 
 
-def save_state(path: str, state: TrainState) -> None:
+def write_state(path: str, state: TrainState) -> None:
+    """Write `state` to `path` as it is (callers write to a temporary name: see save_state)."""
     from safetensors.torch import save_file
 
     tensors, meta = _flatten(state)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    save_file(tensors, path, metadata=meta)
+
+
+def save_state(path: str, state: TrainState) -> None:
+    atomic_write(path, lambda tmp: write_state(tmp, state))
 
 
 def read_header(path: str) -> dict[str, Any]:

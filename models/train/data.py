@@ -103,16 +103,29 @@ def _square(img, side: int):  # PIL image -> PIL image side x side: short side r
     return img.crop((left, top, left + side, top + side))
 
 
-def _decode(path: str, mode: str, side: int) -> tuple[np.ndarray, bool]:  # [S,S,C] uint8, converted?
+def _to_8bit(img):  # PIL image -> the same with 8-bit channels (16-bit and float greyscale scaled, not clipped)
+    from PIL import Image
+
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
+        a = a * (255 / 65535)  # 16-bit samples (PNG 16-bit greyscale opens as I;16 or I)
+    elif img.mode == "F" and a.max(initial=0) <= 1.0:
+        a = a * 255
+    return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+
+
+def _decode(path: str, mode: str, size: int, side: int) -> tuple[np.ndarray, bool]:  # [S,S,C] uint8, converted?
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
-        converted = im.mode != mode or im.size != (side, side)
-        if im.mode in ("RGBA", "LA", "P") and mode == "RGB":  # transparent pixels on white, as a viewer shows them
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
+        converted = im.mode != mode or im.size != (size, size)
+        im = _to_8bit(im)
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")  # transparent pixels on white, as a viewer shows them
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
         im = _square(im.convert(mode), side)
         arr = np.asarray(im, dtype=np.uint8)
     return (arr[..., None] if arr.ndim == 2 else arr), converted
@@ -134,7 +147,7 @@ def from_folder(root: str, size: int, *, channels: int = 3, crop: str = "center"
     arrays, names, skipped, converted = [], [], [], 0
     for path in files:
         try:
-            arr, conv = _decode(path, mode, side)
+            arr, conv = _decode(path, mode, size, side)
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and counted, never fatal
             skipped.append(f"{os.path.relpath(path, root)}: {type(e).__name__}: {e}")
             continue

@@ -9,16 +9,23 @@
 - Progress per step with the losses; a preview of samples every `preview_every` steps; checkpoints every
   `save_every` steps, at the end, and when the user interrupts (saved first, then the interrupt goes on); a loss that
   turns NaN stops the run with an error naming the step, and the last good checkpoint stays as it was.
-- Under `torchrun` (torch.distributed initialised) the networks are wrapped in DistributedDataParallel and each
-  process takes its slice of the same global batch, so N processes match one at the same global batch.
+- Under `torchrun` the loop joins the process group itself (`init_distributed`: gloo on CPU, nccl on CUDA with
+  cuda:LOCAL_RANK), wraps the networks in DistributedDataParallel and each process takes its slice of the same
+  global batch, so N processes match one at the same global batch; only rank 0 writes files and previews.
+- The networks are initialised from the seed too (in a forked RNG: the caller's global generator is untouched).
+- A checkpoint is the model file and its state file, both written to temporary names and renamed only when both
+  are complete; an existing output that is not this run's is never overwritten (a free name is taken instead).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
+import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -27,13 +34,14 @@ from torch import nn
 
 from ..errors import InputError
 from ..progress import Progress
-from .checkpoint import TrainState, new_run_id, save_state, state_path
+from .checkpoint import STATE_SUFFIX, TrainState, free_name, new_run_id, same_arch, state_path, write_state
 from .data import ImageDataset
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_STREAM_ORDER, _STREAM_AUGMENT, _STREAM_NOISE = 0, 1, 2
+_STREAM_ORDER, _STREAM_AUGMENT, _STREAM_NOISE, _STREAM_INIT = 0, 1, 2, 3
+LOG_EVERY_STEPS, LOG_EVERY_SECONDS = 100, 10.0  # progress lines in the log when no bar is shown
 
 
 class TrainingError(InputError):
@@ -123,17 +131,40 @@ def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:  # 
     return torch.tensor(out, dtype=torch.long)
 
 
+def init_distributed() -> bool:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1 in the environment) and none is initialised
+    yet: nccl when CUDA is there (this process on cuda:LOCAL_RANK), gloo otherwise. True when a group is up."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    log.info("training: process %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return True
+
+
 @dataclass
 class _Dist:
     world: int = 1
     rank: int = 0
+    device: torch.device | None = None  # where collectives run (CUDA for nccl), None: CPU
 
     @classmethod
     def current(cls) -> "_Dist":
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_world_size(), dist.get_rank())
+        if init_distributed():
+            dev = None
+            if dist.get_backend() == "nccl":
+                dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+            return cls(dist.get_world_size(), dist.get_rank(), dev)
         return cls()
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +176,7 @@ class _Dist:
             return values
         import torch.distributed as dist
 
-        t = torch.tensor(list(values.values()), dtype=torch.float64)
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return dict(zip(values, (t / self.world).tolist()))
 
@@ -209,15 +240,22 @@ class Trainer:
     def __init__(self, task: TrainTask, data: ImageDataset, settings: TrainSettings, out_path: str, *,
                  resume: TrainState | None = None, device: torch.device | None = None) -> None:
         settings.check()
-        self.task, self.data, self.settings, self.path = task, data, settings, out_path
+        self.task, self.data, self.settings = task, data, settings
         self.dist = _Dist.current()
         if settings.batch_size % self.dist.world:
             raise TrainingError(f"batch_size: {settings.batch_size} does not split over {self.dist.world} "
                                 f"processes; use a multiple of {self.dist.world}")
+        if resume is not None and not same_arch(resume, task.kind, task.arch()):
+            raise InputError(f"resume: the checkpoint is {resume.describe()}, but this run trains a {task.kind} "
+                             f"{json.dumps(task.arch(), sort_keys=True)}; pick a matching checkpoint or change the "
+                             f"settings")
         if device is None:
-            from ..manager import get_manager
+            if self.dist.device is not None:
+                device = self.dist.device
+            else:
+                from ..manager import get_manager
 
-            device = get_manager().compute_device
+                device = get_manager().compute_device
         self.device = device
         self.amp_dtype, self.scaler = _precision(settings.precision, device)
         self.resume = resume
@@ -225,15 +263,36 @@ class Trainer:
         self.seed = int(resume.settings.get("seed", settings.seed)) if resume else settings.seed
         self.step = resume.step if resume else 0
         self.history: dict[str, list[float]] = {k: list(v) for k, v in (resume.history if resume else {}).items()}
+        self.notes: list[str] = []
+        self.path = self._claim_output(out_path)
         self.nets: dict[str, nn.Module] = {}
         self.forward_nets: dict[str, nn.Module] = {}
         self.ema: dict[str, nn.Module] = {}
         self.opts: dict[str, tuple[torch.optim.Optimizer, list[nn.Parameter]]] = {}
+        self._base_step = self.step  # where this call started
+        self._saved_step = -1  # the step of the last checkpoint this run wrote (-1: none)
+        self._stepped = False  # an optimizer has updated the weights in the step under way
+
+    def _claim_output(self, path: str) -> str:
+        """`path` when it is free or holds this run's checkpoint; otherwise a free name (never overwrite)."""
+        existing = [p for p in (path, state_path(path)) if os.path.exists(p)]
+        if not existing:
+            return path
+        if self.resume is not None and all(_run_of(p) == self.resume.run for p in existing):
+            return path
+        new = free_name(path)
+        if self.dist.rank == 0:
+            log.warning("training output %s exists and is not this run's; writing %s instead", path, new)
+        self.notes.append(f"{os.path.basename(path)} exists and is not this run's: wrote {os.path.basename(new)}")
+        return new
 
     # ------------------------------------------------------------------ set-up
 
     def _setup(self) -> None:
-        self.nets = self.task.build(self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the same seed, the same initial weights, on every process
+            torch.manual_seed(mix(self.seed, 0, _STREAM_INIT))
+            self.nets = self.task.build(self.device)
         if self.resume:
             for name, net in self.nets.items():
                 net.load_state_dict(self.resume.nets[name])
@@ -256,18 +315,22 @@ class Trainer:
             kw = {"lr": s.lr, "betas": s.betas, "weight_decay": s.weight_decay, **overrides}
             opt = torch.optim.AdamW(params, **kw)
             if self.resume and oname in self.resume.optim:
-                opt.load_state_dict(self.resume.optim[oname])
+                opt.load_state_dict(_normal_tensors(self.resume.optim[oname]))
                 for g in opt.param_groups:  # the settings of this call win (e.g. a lower learning rate)
                     g.update({k: v for k, v in kw.items() if k != "lr"})
             self.opts[oname] = (opt, params)
 
     # ------------------------------------------------------------------ one step
 
+    def lr_factor(self, step: int) -> float:
+        """The warm-up factor of the learning rate in step `step` (0-based): linear from 1/warmup to 1."""
+        w = self.settings.warmup
+        return min(1.0, (step + 1) / w) if w > 0 else 1.0
+
     def optimize(self, name: str, loss: torch.Tensor) -> None:
         opt, params = self.opts[name]
-        warm = min(1.0, (self.step + 1) / self.settings.warmup) if self.settings.warmup > 0 else 1.0
         for g in opt.param_groups:
-            g["lr"] = self.settings.lr * warm * g.get("lr_scale", 1.0)
+            g["lr"] = self.settings.lr * self.lr_factor(self.step) * g.get("lr_scale", 1.0)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(opt)
@@ -275,6 +338,7 @@ class Trainer:
             loss.backward()
         if self.settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
+        self._stepped = True
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
@@ -301,19 +365,23 @@ class Trainer:
         return x, (self.dist.local(labels).to(self.device) if labels is not None else None)
 
     def _one_step(self) -> dict[str, float]:
+        self._stepped = False
         batch, labels = self._batch(self.step)
         losses = self.task.train_step(StepContext(self, self.step), batch, labels)
         values = self.dist.mean({k: float(v) for k, v in losses.items()})
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
+            kept = (f"the checkpoint of step {self._saved_step} ({self.path}) is kept as it was"
+                    if self._saved_step >= 0 else "this run wrote no checkpoint")
             raise TrainingError(
-                f"training stopped at step {self.step + 1}: the {bad[0]} loss became {values[bad[0]]}; the last good "
-                f"checkpoint is kept (lower the learning rate, raise warm-up or clip gradients harder)")
+                f"training stopped at step {self.step + 1}: the {bad[0]} loss became {values[bad[0]]}; {kept} "
+                f"(lower the learning rate, raise warm-up or clip gradients harder)")
         for k, v in values.items():
             self.history.setdefault(k, []).append(v)
         if self.ema:
             self._update_ema()
         self.step += 1
+        self._stepped = False
         return values
 
     # ------------------------------------------------------------------ saving
@@ -323,6 +391,8 @@ class Trainer:
         return {n: self.ema.get(n, m) for n, m in self.nets.items()}
 
     def save(self) -> None:
+        """Write the model file and the state file of the current step (rank 0 only). Both go to temporary names
+        first and are renamed only when both are complete, so a failed write leaves the previous pair intact."""
         if self.dist.rank != 0:
             return
         state = TrainState(self.task.kind, self.task.arch(), self.run_id, self.step,
@@ -331,19 +401,28 @@ class Trainer:
                            ema={n: m.state_dict() for n, m in self.ema.items()},
                            optim={n: o.state_dict() for n, (o, _) in self.opts.items()},
                            extra=self.task.extra_state())
-        import json
-
-        save_state(state_path(self.path), state)
         meta = {"atelier_train": json.dumps({"run": self.run_id, "step": self.step, "kind": self.task.kind})}
+        folder, name = os.path.split(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        root, ext = os.path.splitext(name)
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp_model = os.path.join(folder, f".{root}.tmp-{tag}{ext}")
+        tmp_state = os.path.join(folder, f".{root}.tmp-{tag}{STATE_SUFFIX}")
         nets = self.final_nets()
         was = {n: m.training for n, m in nets.items()}
-        for m in nets.values():
-            m.eval()
         try:
-            self.task.save_model(self.path, nets, meta)
+            for m in nets.values():
+                m.eval()
+            self.task.save_model(tmp_model, nets, meta)
+            write_state(tmp_state, state)
+            os.replace(tmp_state, state_path(self.path))
+            os.replace(tmp_model, self.path)
         finally:
             for n, m in nets.items():
                 m.train(was[n])
+            for tmp in (tmp_model, tmp_state):
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         self._saved_step = self.step
 
     def preview(self, n: int = 16) -> torch.Tensor:
@@ -368,11 +447,11 @@ class Trainer:
     def _run(self, on_preview: Callable[[torch.Tensor], None] | None) -> TrainResult:
         self._setup()
         s, start, t0 = self.settings, self.step, time.perf_counter()
-        self._saved_step = self.step if self.resume else -1
         preview = None
         show = self.dist.rank == 0
         try:
             with Progress(s.steps, f"Training {self.task.kind}", enabled=show) as bar:
+                ticker = _LogTicker(s.steps, start, self.task.kind) if show and not _bar_visible(bar) else None
                 for i in range(s.steps):
                     values = self._one_step()
                     last = i == s.steps - 1
@@ -384,7 +463,10 @@ class Trainer:
                         if on_preview is not None:
                             on_preview(preview)
                         pic = grid(preview) if bar.shows_previews else None
-                    bar.set_text(" ".join(f"{k} {v:.4f}" for k, v in values.items()))
+                    text = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+                    bar.set_text(text)
+                    if ticker is not None:
+                        ticker.tick(self.step, text, last)
                     bar.update(1, pic)
         except KeyboardInterrupt:  # also ComfyUI's interrupt (an Exception there: see below)
             self._save_on_stop()
@@ -393,13 +475,77 @@ class Trainer:
             if type(e).__name__ == "InterruptProcessingException":
                 self._save_on_stop()
             raise
-        self.save()
-        return TrainResult(self.path, self.step, self.step - start, time.perf_counter() - t0, self.history, preview)
+        if self._saved_step != self.step:
+            self.save()
+        return TrainResult(self.path, self.step, self.step - start, time.perf_counter() - t0, self.history, preview,
+                           list(self.notes))
 
     def _save_on_stop(self) -> None:
-        if self.step > max(self._saved_step, 0):
-            log.info("training interrupted at step %d: saving a checkpoint first", self.step)
+        """On an interrupt: save the last completed step (unless saved already), then let the interrupt go on."""
+        if self._stepped:  # stopped inside a step after an optimizer changed the weights: not a step's state
+            log.warning("training interrupted inside step %d after a weight update; the last checkpoint (step %d) "
+                        "is kept", self.step + 1, self._saved_step)
+            return
+        if self.step in (self._base_step, self._saved_step):  # nothing new since the start or the last save
+            return
+        log.info("training interrupted at step %d: saving a checkpoint first", self.step)
+        try:
             self.save()
+        except Exception:  # noqa: BLE001 - the interrupt goes on; the previous checkpoint is intact
+            log.exception("training: the checkpoint of step %d could not be written", self.step)
+
+
+class _LogTicker:
+    """Progress lines in the log (every LOG_EVERY_STEPS steps or LOG_EVERY_SECONDS) when no bar shows them."""
+
+    def __init__(self, steps: int, start: int, kind: str) -> None:
+        self.end, self.kind = start + steps, kind
+        self.t0 = self.last_t = time.perf_counter()
+        self.start = self.last_step = start
+
+    def tick(self, step: int, text: str, last: bool) -> None:
+        now = time.perf_counter()
+        since = now - self.last_t
+        if not (last or since >= LOG_EVERY_SECONDS or (step - self.last_step >= LOG_EVERY_STEPS and since >= 1.0)):
+            return
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        log.info("training %s: step %d/%d, %s (%.2f steps/s)", self.kind, step, self.end, text, rate)
+        self.last_t, self.last_step = now, step
+
+
+def _bar_visible(bar: Progress) -> bool:
+    """Whether a tqdm bar is drawn (outside ComfyUI, on a terminal or forced on)."""
+    t = getattr(bar, "_tqdm", None)
+    return t is not None and not getattr(t, "disable", True)
+
+
+def _run_of(path: str) -> str | None:
+    """The run id an existing model or state file was written by (None: not an Atelier training output)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - unreadable or not safetensors: not ours
+        return None
+    try:
+        if "atelier_train_state" in meta:
+            return json.loads(meta["atelier_train_state"]).get("run")
+        return json.loads(meta.get("atelier_train", "{}")).get("run")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _normal_tensors(obj: Any) -> Any:
+    """A copy with every tensor cloned here (outside inference mode): a state read inside ComfyUI's inference mode
+    holds inference tensors, which the optimizer could not update in place."""
+    if torch.is_tensor(obj):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _normal_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_normal_tensors(v) for v in obj]
+    return obj
 
 
 @contextlib.contextmanager

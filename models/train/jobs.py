@@ -122,10 +122,8 @@ def get_kind(name: str) -> TrainKind:
 
 
 def model_path(kind: TrainKind, name: str) -> tuple[str, str]:
-    """(the first folder of the family's model folder, the file path) for a model name from a node; names that
+    """(the directory new files of the family go to, the file path) for a model name from a node; names that
     leave the folder are refused."""
-    from ..manager import get_manager
-
     stem = str(name).strip().replace("\\", "/")
     if stem.lower().endswith(MODEL_EXT):
         stem = stem[:-len(MODEL_EXT)]
@@ -134,8 +132,19 @@ def model_path(kind: TrainKind, name: str) -> tuple[str, str]:
             or ":" in norm or "\x00" in norm):
         raise InputError(f"name: expected a model name such as 'digits' (written to the {kind.folder} folder), "
                          f"got {name!r}")
-    folder = get_manager().folder_dirs(kind.folder)[0]
+    folder = model_dir(kind.folder)
     return folder, os.path.join(folder, norm + MODEL_EXT)
+
+
+def model_dir(folder: str) -> str:
+    """Where new files of a model folder go: the first of its directories named like it (ComfyUI lists the legacy
+    models/unet before models/diffusion_models; an extra_model_paths.yaml entry with is_default comes first), else
+    the first."""
+    from ..manager import get_manager
+
+    dirs = get_manager().folder_dirs(folder)
+    named = [d for d in dirs if os.path.basename(os.path.normpath(d)) == folder]
+    return (named or dirs)[0]
 
 
 @dataclass
@@ -161,9 +170,9 @@ def prepare_job(kind: TrainKind, data: ImageDataset, out_path: str, settings: Tr
         task = kind.task(data, options)
         path, resume = plan_output(out_path, task.kind, task.arch(), continue_run)
         trainer = Trainer(task, data, settings, path, resume=resume, device=device)
-    note = _plan_note(out_path, path, resume, continue_run)
+    note = _plan_note(out_path, trainer.path, resume, continue_run)  # the trainer may take yet another free name
     log.info("training %s: %s", kind.name, note)
-    return Job(kind, path, note, trainer)
+    return Job(kind, trainer.path, note, trainer)
 
 
 def run_job(kind: TrainKind, data: ImageDataset, out_path: str, settings: TrainSettings, options: dict[str, Any],

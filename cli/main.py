@@ -5,6 +5,7 @@
     atelier validate WORKFLOW.json ... [--server URL]
     atelier convert WORKFLOW.json [-o API.json]
     atelier models inspect FILE
+    atelier train diffusion|gan|vae DATA_DIR --out FILE [--resolution 32 --steps N ...]   (see cli/train.py)
 
 Errors print one line (``atelier: error: ...``) and exit 1; ``--debug`` shows tracebacks.
 """
@@ -361,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     mi = msub.add_parser("inspect", help="print what a model file is, as JSON")
     mi.add_argument("file")
     mi.set_defaults(func=cmd_models_inspect)
+
+    from .train import add_parser as add_train_parser
+
+    add_train_parser(sub)
     return p
 
 

@@ -118,6 +118,12 @@ def folder_dirs(folder: str) -> list[str] | None:
     return list(fp.get_folder_paths(folder))
 
 
+def input_dir() -> str | None:
+    """ComfyUI's input folder (where uploads land), or None outside ComfyUI."""
+    fp = _folder_paths()
+    return fp.get_input_directory() if fp is not None else None
+
+
 # ---------------------------------------------------------------- devices and memory
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-_FAMILIES = ("info", "upscale", "vae", "gan", "style", "diffusion", "inpaint", "metrics")
+_FAMILIES = ("info", "upscale", "vae", "gan", "style", "diffusion", "inpaint", "metrics", "train")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -23,6 +23,7 @@ from ..models.train import jobs as _jobs
 from ..models.train.plot import loss_curve
 from .common import bchw_to_image, seed_input
 from .diffusion import DIFFUSION
+from .gan import GAN
 
 CATEGORY = "atelier/train"
 DATASET = "ATELIER_DATASET"
@@ -255,13 +256,28 @@ class AtelierTrainDiffusion(TrainNode):
                        "Step, speed, last loss, the file written and the data.")
 
 
+class AtelierTrainGAN(TrainNode):
+    DESCRIPTION = ("Trains a DCGAN (generator and discriminator sized from the resolution, 8..256 as 4*2^k) on a "
+                   "dataset with the non-saturating, hinge or WGAN-GP loss: each Run trains `steps` more steps, "
+                   "showing the losses and sample previews, saving the generator to models/gans, and returns it for "
+                   "the GAN samplers. A labelled dataset trains a class-conditional GAN (labels from sub-folders).")
+    KIND = "gan"
+    RETURN_TYPES = TrainNode.outputs(GAN)
+    OUTPUT_TOOLTIPS = ("The generator as saved (EMA weights), for GAN Sample and the other GAN nodes.",
+                       "Samples of the last preview (one per class for a labelled dataset).",
+                       "The discriminator and generator losses per step (raw and smoothed).",
+                       "Step, speed, last losses, the file written and the data.")
+
+
 NODE_CLASS_MAPPINGS = {
     "AtelierImageFolderDataset": AtelierImageFolderDataset,
     "AtelierImagesAsDataset": AtelierImagesAsDataset,
     "AtelierTrainDiffusion": AtelierTrainDiffusion,
+    "AtelierTrainGAN": AtelierTrainGAN,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierImageFolderDataset": "Atelier Image Folder Dataset",
     "AtelierImagesAsDataset": "Atelier Images As Dataset",
     "AtelierTrainDiffusion": "Atelier Train Diffusion",
+    "AtelierTrainGAN": "Atelier Train GAN",
 }

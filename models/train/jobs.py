@@ -103,10 +103,30 @@ def _diffusion_options() -> tuple[Option, ...]:
     )
 
 
+def _gan_task(data: ImageDataset, *, loss: str, base_width: int, z_dim: int) -> TrainTask:
+    from ..gan.train import GANTask
+
+    return GANTask(resolution=data.size, channels=data.channels, loss=loss, base_width=base_width, z_dim=z_dim,
+                   class_names=data.class_names)
+
+
+def _gan_options() -> tuple[Option, ...]:
+    from ..gan.losses import LOSSES
+
+    return (
+        Option("loss", "non_saturating", "Adversarial loss: non_saturating (DCGAN's), hinge, or wgan_gp (Wasserstein "
+               "with gradient penalty; Adam betas 0, 0.9).", tuple(LOSSES)),
+        Option("base_width", 32, "Channels of the generator's last hidden layer (doubling toward the 4x4 start, at "
+               "most 8x); 32 suits 32x32 digits, 64 the DCGAN paper's 64x64 faces.", min=8, max=512),
+        Option("z_dim", 100, "Size of the noise vector z.", min=2, max=1024),
+    )
+
+
 KINDS: dict[str, TrainKind] = {
     "diffusion": TrainKind("diffusion", "diffusion_models", "diffusion", _diffusion_task, _diffusion_options(),
                            {"lr": 2e-4, "batch_size": 64, "warmup": 100, "ema": 0.999}),
-    "gan": TrainKind("gan", "gans", "gan", None),
+    "gan": TrainKind("gan", "gans", "gan", _gan_task, _gan_options(),
+                     {"lr": 2e-4, "batch_size": 64, "warmup": 0, "ema": 0.999}),
     "vae": TrainKind("vae", "vae", "vae", None),
 }
 

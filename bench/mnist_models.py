@@ -150,12 +150,30 @@ def main() -> None:
 
 
 def vae(pkg, path: str, judge: Judge, n: int, shared: pathlib.Path) -> dict:
-    """Filled in with the conv VAE's engine (reconstruction PSNR, prior samples)."""
-    try:
-        import atelier.models.vae.evaluate as eval_vae
-    except ImportError:
-        return {}
-    return eval_vae.mnist_figures(path, judge, n, shared)
+    """Reconstruction PSNR of the held-out digits (posterior mean) through the VAE family's codec, beside the fully
+    connected VAE of ../shared/weights/mnist, and prior samples' confidence."""
+    m = pkg.models.manager.get_manager()
+    held = judge.held  # [N,1,28,28] in 0..1
+    out = {}
+    for key, file in (("convvae", path), ("fc_vae_reference", str(shared / "weights/mnist/vae_fc.pth"))):
+        desc = m.load(file, family="vae")
+        net = desc.model
+        res = getattr(net, "resolution", 28)
+        x = held if res == 28 else F.interpolate(held, size=(res, res), mode="bilinear", align_corners=False)
+
+        def run(model, x=x):
+            with torch.inference_mode():
+                z = torch.cat([model.encode(x[i:i + 500]) for i in range(0, len(x), 500)])
+                rec = torch.cat([model.decode(z[i:i + 500]) for i in range(0, len(z), 500)]).float().cpu()
+                zs = torch.randn((n,) + tuple(z.shape[1:]), generator=torch.Generator().manual_seed(0))
+                prior = torch.cat([model.decode(zs[i:i + 500]) for i in range(0, n, 500)]).float().cpu()
+            return rec, prior
+
+        rec, prior = m.run(desc, run)
+        rec = rec.reshape(len(x), 1, res, res)
+        psnr = pkg.models.metrics.psnr(rec.clamp(0, 1), x).mean().item()
+        out[key] = {"psnr_heldout_db": round(psnr, 2), "prior": judge.score(prior.reshape(n, 1, res, res))}
+    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Training nodes: Image Folder Dataset, Images As Dataset, and one trainer per family (Train Diffusion so far).
+"""Training nodes: Image Folder Dataset, Images As Dataset, Dataset Images (back to an IMAGE batch), and one
+trainer per family (Train Diffusion, Train GAN).
 
 Socket type ATELIER_DATASET: a `models.train.data.ImageDataset` (uint8 images decoded once, the crop and flip
 applied per batch). A trainer trains `steps` more steps per Run into a file of its family's model folder, continuing
@@ -63,7 +64,10 @@ def resolve_folder(folder: str, base: str | None = None) -> str:
     if norm == ".." or norm.startswith(".." + os.sep) or "\x00" in norm:
         raise InputError(f"folder: {text!r} climbs out of the input folder; give a folder inside it or an "
                          f"absolute path")
-    return os.path.join(host.input_dir() or base or os.getcwd(), norm)
+    path = os.path.join(host.input_dir() or base or os.getcwd(), norm)
+    if not os.path.exists(path):  # the pack's example datasets (workflows/input/), e.g. for the headless runner
+        path = host.example_input(norm) or path
+    return path
 
 
 def _folder_signature(path: str) -> str:
@@ -153,6 +157,43 @@ class AtelierImagesAsDataset:
             ds = _data.from_images(images, int(resolution), channels=_channels(channels), crop=crop, flip=bool(flip))
         text = _summary(ds)
         return {"ui": {"text": [text]}, "result": (ds, text)}
+
+
+class AtelierDatasetImages:
+    DESCRIPTION = ("Turns a dataset back into an IMAGE batch: its first N images at the dataset's size (centre "
+                   "squares, no augmentation), with their class labels as text. For comparing a model's samples "
+                   "with held-out data (FID/KID, Image Quality) or looking at what a trainer sees.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("images", "labels")
+    OUTPUT_TOOLTIPS = ("The images [N,size,size,3] (grey datasets repeated over RGB).",
+                       "The class name of each image, comma-separated (empty for an unlabelled dataset).")
+    FUNCTION = "images"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dataset": (DATASET, {"tooltip": "From Image Folder Dataset or Images As Dataset."}),
+            "count": ("INT", {"default": 64, "min": 1, "max": 1_000_000, "tooltip": "How many images, from the "
+                      "first (fewer when the dataset is smaller)."}),
+        }}
+
+    def images(self, dataset, count: int):
+        if not isinstance(dataset, _data.ImageDataset):
+            raise InputError(f"dataset: expected an {DATASET} from Image Folder Dataset or Images As Dataset, got "
+                             f"{type(dataset).__name__}")
+        n = min(int(count), len(dataset))
+        x = dataset.images[:n]  # [N,C,S',S'] uint8
+        s, side = dataset.size, int(x.shape[-1])
+        if side > s:  # stored larger for random crops: the centre square
+            o = (side - s) // 2
+            x = x[:, :, o:o + s, o:o + s]
+        img = bchw_to_image(x.float() / 255.0, rgb=True)  # [N,S,S,3]
+        names = ""
+        if dataset.labels is not None and dataset.class_names:
+            names = ", ".join(dataset.class_names[int(i)] for i in dataset.labels[:n])
+        return {"ui": {"text": [f"{n} images {s}x{s}" + (f"; classes: {names}" if names else "")]},
+                "result": (img, names)}
 
 
 # ---------------------------------------------------------------- trainers
@@ -272,12 +313,14 @@ class AtelierTrainGAN(TrainNode):
 NODE_CLASS_MAPPINGS = {
     "AtelierImageFolderDataset": AtelierImageFolderDataset,
     "AtelierImagesAsDataset": AtelierImagesAsDataset,
+    "AtelierDatasetImages": AtelierDatasetImages,
     "AtelierTrainDiffusion": AtelierTrainDiffusion,
     "AtelierTrainGAN": AtelierTrainGAN,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierImageFolderDataset": "Atelier Image Folder Dataset",
     "AtelierImagesAsDataset": "Atelier Images As Dataset",
+    "AtelierDatasetImages": "Atelier Dataset Images",
     "AtelierTrainDiffusion": "Atelier Train Diffusion",
     "AtelierTrainGAN": "Atelier Train GAN",
 }

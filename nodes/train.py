@@ -29,6 +29,7 @@ from .gan import GAN
 CATEGORY = "atelier/train"
 DATASET = "ATELIER_DATASET"
 CHANNELS = {"RGB": 3, "grey": 1}
+PICKS = ("first", "evenly")  # which images Dataset Images takes
 RESOLUTION_TIP = ("Training size in pixels: images are resized so the short side fits and cropped square. Small "
                   "sizes train fast (28-64 for a first model).")
 
@@ -160,9 +161,9 @@ class AtelierImagesAsDataset:
 
 
 class AtelierDatasetImages:
-    DESCRIPTION = ("Turns a dataset back into an IMAGE batch: its first N images at the dataset's size (centre "
-                   "squares, no augmentation), with their class labels as text. For comparing a model's samples "
-                   "with held-out data (FID/KID, Image Quality) or looking at what a trainer sees.")
+    DESCRIPTION = ("Turns a dataset back into an IMAGE batch: N of its images (the first, or spread evenly) at the "
+                   "dataset's size (centre squares, no augmentation), with their class labels as text. For comparing "
+                   "a model's samples with held-out data (FID/KID, Image Quality) or seeing what a trainer sees.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("images", "labels")
@@ -174,16 +175,22 @@ class AtelierDatasetImages:
     def INPUT_TYPES(cls):
         return {"required": {
             "dataset": (DATASET, {"tooltip": "From Image Folder Dataset or Images As Dataset."}),
-            "count": ("INT", {"default": 64, "min": 1, "max": 1_000_000, "tooltip": "How many images, from the "
-                      "first (fewer when the dataset is smaller)."}),
+            "count": ("INT", {"default": 64, "min": 1, "max": 1_000_000, "tooltip": "How many images (fewer "
+                      "when the dataset is smaller)."}),
+            "pick": (list(PICKS), {"default": "first", "tooltip": "first: the first images in the dataset's order "
+                     "(folders sorted by name); evenly: images spread evenly over it (every class of a folder "
+                     "sorted by class)."}),
         }}
 
-    def images(self, dataset, count: int):
+    def images(self, dataset, count: int, pick: str = "first"):
         if not isinstance(dataset, _data.ImageDataset):
             raise InputError(f"dataset: expected an {DATASET} from Image Folder Dataset or Images As Dataset, got "
                              f"{type(dataset).__name__}")
+        if pick not in PICKS:
+            raise InputError(f"pick: expected one of {', '.join(PICKS)}, got {pick!r}")
         n = min(int(count), len(dataset))
-        x = dataset.images[:n]  # [N,C,S',S'] uint8
+        idx = torch.arange(n) if pick == "first" else torch.linspace(0, len(dataset) - 1, n).round().long()
+        x = dataset.images[idx]  # [N,C,S',S'] uint8
         s, side = dataset.size, int(x.shape[-1])
         if side > s:  # stored larger for random crops: the centre square
             o = (side - s) // 2
@@ -191,7 +198,7 @@ class AtelierDatasetImages:
         img = bchw_to_image(x.float() / 255.0, rgb=True)  # [N,S,S,3]
         names = ""
         if dataset.labels is not None and dataset.class_names:
-            names = ", ".join(dataset.class_names[int(i)] for i in dataset.labels[:n])
+            names = ", ".join(dataset.class_names[int(i)] for i in dataset.labels[idx])
         return {"ui": {"text": [f"{n} images {s}x{s}" + (f"; classes: {names}" if names else "")]},
                 "result": (img, names)}
 

@@ -111,6 +111,11 @@ def test_dataset_images_gives_the_first_images_back_with_their_labels(folder):
     assert torch.equal(img, want)
     assert labels == "a, a, b" and "3 images 8x8" in out["ui"]["text"][0]
     assert AtelierDatasetImages().images(ds, count=100)["result"][0].shape[0] == 4  # no more than there are
+    spread, spread_labels = AtelierDatasetImages().images(ds, count=2, pick="evenly")["result"]
+    assert torch.equal(spread[1], AtelierDatasetImages().images(ds, count=4)["result"][0][3])  # first and last
+    assert spread_labels == "a, b"
+    with pytest.raises(InputError, match="pick"):
+        AtelierDatasetImages().images(ds, count=2, pick="random")
     grey = AtelierImagesAsDataset().convert(torch.rand(2, 8, 8, 3), resolution=8, channels="grey", crop="center",
                                             flip=False)["result"][0]
     g_img, g_labels = AtelierDatasetImages().images(grey, count=2)["result"]

@@ -70,11 +70,38 @@ def register_folders(extensions: tuple[str, ...]) -> None:
             fp.folder_names_and_paths[name][0].append(d)
 
 
+# The example workflows' inputs (images, and folders of images for the dataset nodes) ship in workflows/input/.
+EXAMPLE_INPUTS_DIR = os.path.join(os.path.dirname(PRETRAINED_DIR), "workflows", "input")
+
+
+def example_input(name: str) -> str | None:
+    """The pack's example input of that relative name (a file or a folder under workflows/input/), or None: where a
+    node looks a plain name up when the input folder lacks it (the headless runner's input folder is the
+    workflow's)."""
+    path = os.path.normpath(os.path.join(EXAMPLE_INPUTS_DIR, name))
+    inside = path.startswith(os.path.join(EXAMPLE_INPUTS_DIR, ""))
+    return path if inside and os.path.exists(path) else None
+
+
+def _copy_entry(src: str, dst: str) -> None:
+    """One example input into the input folder: a file through a temporary name; a folder (a dataset of images in
+    class sub-folders) copied whole under a temporary name, then renamed, so a half-copied folder never shows."""
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    if os.path.isdir(src):
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+    else:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def provide_example_inputs(src_dir: str) -> list[str]:
-    """Copy the pack's example input images (`src_dir`, e.g. workflows/input/) into ComfyUI's input folder so that the
-    example workflows' Load Image nodes find them, as every file a user uploads is found. Only names not there yet
-    are written (a user's file is never overwritten, nothing is deleted), each through a temporary name, and what
-    was copied is logged. Outside ComfyUI, or with ATELIER_NO_EXAMPLE_INPUTS=1, nothing. Returns the names copied."""
+    """Copy the pack's example inputs (`src_dir`, e.g. workflows/input/) into ComfyUI's input folder so that the
+    example workflows' Load Image nodes find the images, and their Image Folder Dataset nodes the folders (copied
+    with their sub-folders), as every file a user uploads is found. Only top-level names not there yet are written
+    (a user's file or folder is never overwritten or merged into, nothing is deleted), each through a temporary
+    name, and what was copied is logged. Outside ComfyUI, or with ATELIER_NO_EXAMPLE_INPUTS=1, nothing. Returns
+    the names copied."""
     fp = _folder_paths()
     if fp is None or os.environ.get("ATELIER_NO_EXAMPLE_INPUTS", "") not in ("", "0") or not os.path.isdir(src_dir):
         return []
@@ -82,13 +109,11 @@ def provide_example_inputs(src_dir: str) -> list[str]:
     copied = []
     for name in sorted(os.listdir(src_dir)):
         src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
-        if not os.path.isfile(src) or os.path.lexists(dst):
+        if not (os.path.isfile(src) or os.path.isdir(src)) or os.path.islink(src) or os.path.lexists(dst):
             continue
         try:
             os.makedirs(dst_dir, exist_ok=True)
-            tmp = f"{dst}.{os.getpid()}.tmp"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            _copy_entry(src, dst)
             copied.append(name)
         except OSError as e:
             log.warning("Atelier: could not copy the example input %s into %s (%s); the example workflows that "

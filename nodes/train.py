@@ -1,4 +1,5 @@
-"""Training nodes: Image Folder Dataset, Images As Dataset, and one trainer per family (Train Diffusion so far).
+"""Training nodes: Image Folder Dataset, Images As Dataset, Dataset Images (back to an IMAGE batch), and one
+trainer per family (Train Diffusion, Train GAN).
 
 Socket type ATELIER_DATASET: a `models.train.data.ImageDataset` (uint8 images decoded once, the crop and flip
 applied per batch). A trainer trains `steps` more steps per Run into a file of its family's model folder, continuing
@@ -28,6 +29,7 @@ from .gan import GAN
 CATEGORY = "atelier/train"
 DATASET = "ATELIER_DATASET"
 CHANNELS = {"RGB": 3, "grey": 1}
+PICKS = ("first", "evenly")  # which images Dataset Images takes
 RESOLUTION_TIP = ("Training size in pixels: images are resized so the short side fits and cropped square. Small "
                   "sizes train fast (28-64 for a first model).")
 
@@ -63,7 +65,10 @@ def resolve_folder(folder: str, base: str | None = None) -> str:
     if norm == ".." or norm.startswith(".." + os.sep) or "\x00" in norm:
         raise InputError(f"folder: {text!r} climbs out of the input folder; give a folder inside it or an "
                          f"absolute path")
-    return os.path.join(host.input_dir() or base or os.getcwd(), norm)
+    path = os.path.join(host.input_dir() or base or os.getcwd(), norm)
+    if not os.path.exists(path):  # the pack's example datasets (workflows/input/), e.g. for the headless runner
+        path = host.example_input(norm) or path
+    return path
 
 
 def _folder_signature(path: str) -> str:
@@ -153,6 +158,49 @@ class AtelierImagesAsDataset:
             ds = _data.from_images(images, int(resolution), channels=_channels(channels), crop=crop, flip=bool(flip))
         text = _summary(ds)
         return {"ui": {"text": [text]}, "result": (ds, text)}
+
+
+class AtelierDatasetImages:
+    DESCRIPTION = ("Turns a dataset back into an IMAGE batch: N of its images (the first, or spread evenly) at the "
+                   "dataset's size (centre squares, no augmentation), with their class labels as text. For comparing "
+                   "a model's samples with held-out data (FID/KID, Image Quality) or seeing what a trainer sees.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("images", "labels")
+    OUTPUT_TOOLTIPS = ("The images [N,size,size,3] (grey datasets repeated over RGB).",
+                       "The class name of each image, comma-separated (empty for an unlabelled dataset).")
+    FUNCTION = "images"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dataset": (DATASET, {"tooltip": "From Image Folder Dataset or Images As Dataset."}),
+            "count": ("INT", {"default": 64, "min": 1, "max": 1_000_000, "tooltip": "How many images (fewer "
+                      "when the dataset is smaller)."}),
+            "pick": (list(PICKS), {"default": "first", "tooltip": "first: the first images in the dataset's order "
+                     "(folders sorted by name); evenly: images spread evenly over it (every class of a folder "
+                     "sorted by class)."}),
+        }}
+
+    def images(self, dataset, count: int, pick: str = "first"):
+        if not isinstance(dataset, _data.ImageDataset):
+            raise InputError(f"dataset: expected an {DATASET} from Image Folder Dataset or Images As Dataset, got "
+                             f"{type(dataset).__name__}")
+        if pick not in PICKS:
+            raise InputError(f"pick: expected one of {', '.join(PICKS)}, got {pick!r}")
+        n = min(int(count), len(dataset))
+        idx = torch.arange(n) if pick == "first" else torch.linspace(0, len(dataset) - 1, n).round().long()
+        x = dataset.images[idx]  # [N,C,S',S'] uint8
+        s, side = dataset.size, int(x.shape[-1])
+        if side > s:  # stored larger for random crops: the centre square
+            o = (side - s) // 2
+            x = x[:, :, o:o + s, o:o + s]
+        img = bchw_to_image(x.float() / 255.0, rgb=True)  # [N,S,S,3]
+        names = ""
+        if dataset.labels is not None and dataset.class_names:
+            names = ", ".join(dataset.class_names[int(i)] for i in dataset.labels[idx])
+        return {"ui": {"text": [f"{n} images {s}x{s}" + (f"; classes: {names}" if names else "")]},
+                "result": (img, names)}
 
 
 # ---------------------------------------------------------------- trainers
@@ -272,12 +320,14 @@ class AtelierTrainGAN(TrainNode):
 NODE_CLASS_MAPPINGS = {
     "AtelierImageFolderDataset": AtelierImageFolderDataset,
     "AtelierImagesAsDataset": AtelierImagesAsDataset,
+    "AtelierDatasetImages": AtelierDatasetImages,
     "AtelierTrainDiffusion": AtelierTrainDiffusion,
     "AtelierTrainGAN": AtelierTrainGAN,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierImageFolderDataset": "Atelier Image Folder Dataset",
     "AtelierImagesAsDataset": "Atelier Images As Dataset",
+    "AtelierDatasetImages": "Atelier Dataset Images",
     "AtelierTrainDiffusion": "Atelier Train Diffusion",
     "AtelierTrainGAN": "Atelier Train GAN",
 }

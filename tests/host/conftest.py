@@ -169,7 +169,8 @@ class ComfyServer:
             d.mkdir(parents=True, exist_ok=True)
         self.pack_dir.symlink_to(REPO, target_is_directory=True)
         populate_models(self.models_root, self.shared / "weights")
-        lines = ["atelier_test:", f"  base_path: {self.base}", "  custom_nodes: custom_nodes"]
+        # is_default: these folders come first, so a trainer node writes its model here, never into the ComfyUI tree
+        lines = ["atelier_test:", f"  base_path: {self.base}", "  is_default: true", "  custom_nodes: custom_nodes"]
         lines += [f"  {folder}: models/{folder}" for folder in MODEL_FOLDERS]
         (self.base / "extra_model_paths.yaml").write_text("\n".join(lines) + "\n")
 

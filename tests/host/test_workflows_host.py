@@ -118,6 +118,10 @@ def _missing_models(comfy, api: dict) -> list[str]:
     return missing
 
 
+def _model_files(root: pathlib.Path) -> set[pathlib.Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
 @pytest.mark.parametrize("case", _params())
 def test_workflow_runs_on_comfyui_as_headless(case, comfy, pack_manager, tmp_path):
     name = case[0]
@@ -126,8 +130,13 @@ def test_workflow_runs_on_comfyui_as_headless(case, comfy, pack_manager, tmp_pat
     if missing:
         pytest.skip(f"workflow {name} needs model files this machine does not have: {', '.join(missing)}")
 
+    before = _model_files(comfy.models_root)
     entry = comfy.run(api, ui)
     served = dict(comfy.image_arrays(entry))
+    # A training workflow wrote a model (and its training state) that a second run would continue: the headless
+    # run starts from the same state as ComfyUI's did.
+    for f in _model_files(comfy.models_root) - before:
+        f.unlink()
     assert served, f"workflow {name} produced no image on ComfyUI (outputs: {list(entry.get('outputs', {}))})"
 
     from atelier.cli.errors import WorkflowError
@@ -180,7 +189,8 @@ def test_canvas_workflow_converts_to_its_api_twin(case, comfy):
 
 def test_pack_provides_its_example_inputs(comfy):
     """The pack copied workflows/input/* into ComfyUI's input folder when it loaded (a stock install then has every
-    image the examples load), said so in the log, and Load Image lists them (its menu shows top-level files only)."""
+    image and dataset folder the examples load), said so in the log, and Load Image lists the images (its menu shows
+    top-level files only)."""
     shipped = sorted(p for p in EXAMPLE_INPUTS.glob("*") if p.is_file()) if EXAMPLE_INPUTS.is_dir() else []
     if not shipped:
         pytest.skip("workflows/input/ ships no example input")
@@ -189,4 +199,10 @@ def test_pack_provides_its_example_inputs(comfy):
         dst = comfy.input_dir / src.name
         assert dst.is_file() and dst.read_bytes() == src.read_bytes(), f"{src.name} was not copied into {comfy.input_dir}"
         assert src.name in choices, f"Load Image does not list {src.name}: {choices}"
+    for folder in (p for p in EXAMPLE_INPUTS.glob("*") if p.is_dir()):  # example datasets: the whole tree
+        files = sorted(f.relative_to(folder) for f in folder.rglob("*") if f.is_file())
+        for rel in files:
+            dst = comfy.input_dir / folder.name / rel
+            assert dst.is_file() and dst.read_bytes() == (folder / rel).read_bytes(), \
+                f"{folder.name}/{rel} was not copied into {comfy.input_dir}"
     assert "added the example input image(s)" in comfy.log_text(), "the copy was not announced in the log"

@@ -49,3 +49,31 @@ def test_nothing_outside_comfyui_or_when_turned_off(fake_comfy, examples, monkey
     monkeypatch.delenv("ATELIER_NO_EXAMPLE_INPUTS")
     monkeypatch.delitem(sys.modules, "comfy.model_management")
     assert host.provide_example_inputs(str(examples)) == [] and not fake_comfy.exists()
+
+
+def test_copies_a_dataset_folder_tree_whole_and_never_merges_into_a_users_folder(fake_comfy, examples):
+    """An example dataset (a folder of class sub-folders) arrives with its tree; a folder of that name the user has
+    is left exactly as it is (nothing added to it)."""
+    for cls, name in (("0", "x.png"), ("0", "y.png"), ("7", "z.png")):
+        (examples / "digits" / cls).mkdir(parents=True, exist_ok=True)
+        (examples / "digits" / cls / name).write_bytes(f"pack {cls}/{name}".encode())
+    (examples / "mine").mkdir()
+    (examples / "mine" / "pack.png").write_bytes(b"pack")
+    (fake_comfy / "mine").mkdir(parents=True)
+    (fake_comfy / "mine" / "user.png").write_bytes(b"user")
+    assert host.provide_example_inputs(str(examples)) == ["a.png", "b.png", "digits"]
+    got = sorted(str(p.relative_to(fake_comfy / "digits")) for p in (fake_comfy / "digits").rglob("*.png"))
+    assert got == ["0/x.png", "0/y.png", "7/z.png"]
+    assert (fake_comfy / "digits" / "7" / "z.png").read_bytes() == b"pack 7/z.png"
+    assert sorted(p.name for p in (fake_comfy / "mine").iterdir()) == ["user.png"]
+    assert sorted(p.name for p in fake_comfy.iterdir()) == ["a.png", "b.png", "digits", "mine"]  # no temporary
+
+
+def test_example_input_finds_pack_files_and_folders_only_inside_the_pack(tmp_path, monkeypatch):
+    pack = tmp_path / "input"
+    monkeypatch.setattr(host, "EXAMPLE_INPUTS_DIR", str(pack))
+    (pack / "digits" / "3").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    assert host.example_input("digits") == str(pack / "digits")
+    assert host.example_input("nothing_here") is None
+    assert host.example_input("../outside") is None  # a name climbing out of the pack's folder is not looked up

@@ -19,8 +19,8 @@ from atelier.models.diffusion import train as dtrain
 from atelier.models.errors import InputError
 from atelier.models.train.plot import COLOURS, loss_curve, nice_ticks, smooth
 from atelier.nodes.diffusion import DIFFUSION, AtelierDiffusionSample
-from atelier.nodes.train import (AtelierImageFolderDataset, AtelierImagesAsDataset, AtelierTrainDiffusion,
-                                 resolve_folder)
+from atelier.nodes.train import (AtelierDatasetImages, AtelierImageFolderDataset, AtelierImagesAsDataset,
+                                 AtelierTrainDiffusion, resolve_folder)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MICRO = ((32, 32), 1, (False, False))  # a two-level UNet without attention: a step takes milliseconds
@@ -85,6 +85,43 @@ def test_relative_folder_is_under_the_input_folder(folder, monkeypatch):
     before = AtelierImageFolderDataset.IS_CHANGED("imgs")
     _write(folder / "a" / "new.png", (1, 2, 3))
     assert AtelierImageFolderDataset.IS_CHANGED("imgs") != before  # a changed folder is read again
+
+
+def test_relative_folder_falls_back_to_the_packs_example_datasets(folder, tmp_path, monkeypatch):
+    """A name the input folder lacks is looked up among the pack's example inputs (workflows/input/): what the
+    headless runner, whose input folder is the workflow's, needs for the example training workflows."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    monkeypatch.setattr(host, "input_dir", lambda: str(inputs))
+    monkeypatch.setattr(host, "EXAMPLE_INPUTS_DIR", str(tmp_path))
+    assert resolve_folder("imgs") == str(folder)  # not in the input folder: the pack's
+    (inputs / "imgs").mkdir()
+    assert resolve_folder("imgs") == str(inputs / "imgs")  # the user's own folder of that name wins
+    assert resolve_folder("nowhere") == str(inputs / "nowhere")  # neither: the input folder's (then 'missing')
+
+
+def test_dataset_images_gives_the_first_images_back_with_their_labels(folder):
+    ds = _folder_node(folder, labels_from_subfolders=True, crop="random")["result"][0]  # stored 9/8 larger
+    out = AtelierDatasetImages().images(ds, count=3)
+    img, labels = out["result"]
+    assert img.shape == (3, 8, 8, 3) and img.dtype == torch.float32
+    s = ds.images.shape[-1]
+    o = (s - 8) // 2
+    want = ds.images[:3, :, o:o + 8, o:o + 8].float().movedim(1, -1) / 255  # the centre squares, as stored
+    assert torch.equal(img, want)
+    assert labels == "a, a, b" and "3 images 8x8" in out["ui"]["text"][0]
+    assert AtelierDatasetImages().images(ds, count=100)["result"][0].shape[0] == 4  # no more than there are
+    spread, spread_labels = AtelierDatasetImages().images(ds, count=2, pick="evenly")["result"]
+    assert torch.equal(spread[1], AtelierDatasetImages().images(ds, count=4)["result"][0][3])  # first and last
+    assert spread_labels == "a, b"
+    with pytest.raises(InputError, match="pick"):
+        AtelierDatasetImages().images(ds, count=2, pick="random")
+    grey = AtelierImagesAsDataset().convert(torch.rand(2, 8, 8, 3), resolution=8, channels="grey", crop="center",
+                                            flip=False)["result"][0]
+    g_img, g_labels = AtelierDatasetImages().images(grey, count=2)["result"]
+    assert g_img.shape == (2, 8, 8, 3) and torch.equal(g_img[..., 0], g_img[..., 2]) and g_labels == ""
+    with pytest.raises(InputError, match="dataset"):
+        AtelierDatasetImages().images(torch.zeros(1, 8, 8, 3), count=1)
 
 
 def test_images_as_dataset():

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "in_channels": 1,  # 1 (grey) or 3 (RGB)
     "resolution": 28,  # training image side; a multiple of 2**(len(channels) - 1)
     "channels": [32, 64, 128],  # width per level; each level after the first halves the side
-    "res_blocks": 1,  # residual blocks per level (0: plain strided convolutions)
+    "res_blocks": 1,  # residual blocks per level: one count for all, or a list (one per level, e.g. [0, 1, 1])
     "latent_dim": 32,  # flat latent size, or None for a spatial latent
     "latent_channels": None,  # spatial latent channels (with latent_dim None)
     "groups": 8,  # GroupNorm groups; every width must be a multiple
@@ -65,8 +65,15 @@ def full_config(config: Mapping[str, Any] | None = None, *, what: str = "config"
     g = cfg["groups"]
     if not (isinstance(g, int) and g > 0 and all(c % g == 0 for c in ch)):
         raise InputError(f"{what}: groups={g!r} must divide every width in channels {list(ch)}")
-    if not (isinstance(cfg["res_blocks"], int) and cfg["res_blocks"] >= 0):
-        raise InputError(f"{what}: res_blocks expected an integer >= 0, got {cfg['res_blocks']!r}")
+    rb = cfg["res_blocks"]
+    if isinstance(rb, (list, tuple)):
+        if len(rb) != len(ch) or not all(isinstance(n, int) and n >= 0 for n in rb):
+            raise InputError(f"{what}: res_blocks expected an integer >= 0 or {len(ch)} of them (one per level in "
+                             f"channels {list(ch)}), got {rb!r}")
+        cfg["res_blocks"] = [int(n) for n in rb]
+    elif not (isinstance(rb, int) and rb >= 0):
+        raise InputError(f"{what}: res_blocks expected an integer >= 0 or {len(ch)} of them (one per level in "
+                         f"channels {list(ch)}), got {rb!r}")
     f = 2 ** (len(ch) - 1)
     r = cfg["resolution"]
     if not (isinstance(r, int) and r > 0 and r % f == 0):
@@ -81,6 +88,12 @@ def full_config(config: Mapping[str, Any] | None = None, *, what: str = "config"
         raise InputError(f"{what}: {'latent_dim' if flat is not None else 'latent_channels'} expected a positive "
                          f"integer, got {size!r}")
     return cfg
+
+
+def blocks_per_level(cfg: Mapping[str, Any]) -> list[int]:
+    """Residual blocks at each level, shallowest first (the decoder runs them deepest first)."""
+    rb = cfg["res_blocks"]
+    return list(rb) if isinstance(rb, (list, tuple)) else [int(rb)] * len(cfg["channels"])
 
 
 class ResBlock(nn.Module):
@@ -117,9 +130,9 @@ class Level(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
-        ch, g, n = cfg["channels"], cfg["groups"], cfg["res_blocks"]
+        ch, g, n = cfg["channels"], cfg["groups"], blocks_per_level(cfg)
         self.stem = nn.Conv2d(cfg["in_channels"], ch[0], 3, padding=1)
-        self.levels = nn.ModuleList(Level(c, n, g, ch[i + 1] if i + 1 < len(ch) else None, up=False)
+        self.levels = nn.ModuleList(Level(c, n[i], g, ch[i + 1] if i + 1 < len(ch) else None, up=False)
                                     for i, c in enumerate(ch))
         self.norm = nn.GroupNorm(g, ch[-1])
         side = cfg["resolution"] // 2 ** (len(ch) - 1)
@@ -139,7 +152,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
-        ch, g, n = cfg["channels"], cfg["groups"], cfg["res_blocks"]
+        ch, g, n = cfg["channels"], cfg["groups"], blocks_per_level(cfg)[::-1]
         self.side = cfg["resolution"] // 2 ** (len(ch) - 1)
         self.width = ch[-1]
         if cfg["latent_dim"] is not None:
@@ -147,7 +160,7 @@ class Decoder(nn.Module):
         else:
             self.from_latent = nn.Conv2d(cfg["latent_channels"], ch[-1], 3, padding=1)
         rev = ch[::-1]  # deepest first
-        self.levels = nn.ModuleList(Level(c, n, g, rev[i + 1] if i + 1 < len(rev) else None, up=True)
+        self.levels = nn.ModuleList(Level(c, n[i], g, rev[i + 1] if i + 1 < len(rev) else None, up=True)
                                     for i, c in enumerate(rev))
         self.norm = nn.GroupNorm(g, ch[0])
         self.to_image = nn.Conv2d(ch[0], cfg["in_channels"], 3, padding=1)
@@ -293,9 +306,10 @@ def _config_from_shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     widths = [int(sd["enc.stem.weight"].shape[0])]
     for i in range(n_levels - 1):
         widths.append(int(sd[f"enc.levels.{i}.resample.weight"].shape[0]))
-    blocks = len({m.group(1) for k in sd if (m := re.match(r"enc\.levels\.0\.blocks\.(\d+)\.", k))})
+    blocks = [len({m.group(1) for k in sd if (m := re.match(rf"enc\.levels\.{i}\.blocks\.(\d+)\.", k))})
+              for i in range(n_levels)]
     cfg: dict[str, Any] = {"in_channels": int(sd["enc.stem.weight"].shape[1]), "channels": widths,
-                           "res_blocks": blocks}
+                           "res_blocks": blocks[0] if len(set(blocks)) == 1 else blocks}
     moments = sd["enc.to_moments.weight"]
     f = 2 ** (n_levels - 1)
     if moments.ndim == 2:  # flat: Linear(width * side^2 -> 2d)

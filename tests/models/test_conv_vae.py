@@ -17,7 +17,7 @@ from atelier.models.vae import codec, conv, fc, kl, taesd
 from atelier.nodes.vae import (AtelierLatentInterpolate, AtelierLoadVAE, AtelierVAEDecode, AtelierVAEEncode,
                                AtelierVAESample)
 
-FLAT = {"channels": [8, 16, 16], "res_blocks": 1, "resolution": 12, "latent_dim": 5, "groups": 4}
+FLAT = {"channels": [8, 16, 16], "res_blocks": [0, 1, 2], "resolution": 12, "latent_dim": 5, "groups": 4}
 SPATIAL = {"channels": [8, 16], "res_blocks": 2, "resolution": 8, "latent_dim": None, "latent_channels": 3,
            "in_channels": 3}
 
@@ -43,10 +43,12 @@ def _res(sd: dict, p: str, h: torch.Tensor, g: int) -> torch.Tensor:
 
 def _reference(sd: dict, cfg: dict, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder moments [B,2d] and decoder logits for z, from the state dict and the module docstring alone."""
-    L, n, g = len(cfg["channels"]), cfg["res_blocks"], cfg["groups"]
+    L, g = len(cfg["channels"]), cfg["groups"]
+    rb = cfg["res_blocks"]
+    n = list(rb) if isinstance(rb, list) else [rb] * L  # per level, shallowest first
     h = F.conv2d(x, sd["enc.stem.weight"], sd["enc.stem.bias"], padding=1)
     for i in range(L):
-        for j in range(n):
+        for j in range(n[i]):
             h = _res(sd, f"enc.levels.{i}.blocks.{j}.", h, g)
         if i < L - 1:
             h = F.conv2d(h, sd[f"enc.levels.{i}.resample.weight"], sd[f"enc.levels.{i}.resample.bias"], stride=2,
@@ -56,7 +58,7 @@ def _reference(sd: dict, cfg: dict, x: torch.Tensor, z: torch.Tensor) -> tuple[t
     side = cfg["resolution"] // 2 ** (L - 1)
     h = F.linear(z, sd["dec.from_latent.weight"], sd["dec.from_latent.bias"]).reshape(len(z), -1, side, side)
     for i in range(L):
-        for j in range(n):
+        for j in range(n[L - 1 - i]):
             h = _res(sd, f"dec.levels.{i}.blocks.{j}.", h, g)
         if i < L - 1:
             h = F.interpolate(h, scale_factor=2.0, mode="nearest")
@@ -90,13 +92,13 @@ def test_flat_equals_functional_reference_and_round_trips(tmp_path):
 @torch.no_grad()
 def test_config_read_from_shapes_without_metadata(tmp_path):
     """A bare .pth (no metadata): widths, blocks, latent and resolution come from the tensor shapes (groups 8)."""
-    cfg = {"channels": [8, 16, 16], "res_blocks": 2, "resolution": 16, "latent_dim": 6}
+    cfg = {"channels": [8, 16, 16], "res_blocks": [1, 0, 2], "resolution": 16, "latent_dim": 6}
     model = _model(cfg, seed=1)
     x, z = torch.rand(2, 1, 16, 16), torch.randn(2, 6, 1, 1)
     check_roundtrip(tmp_path, model.state_dict(), folder="vae", family="vae", tol=1e-5,
                     run=lambda m: torch.cat([m.encode(x).flatten(), m.decode(z).flatten()]),
                     expected=torch.cat([model.encode(x).flatten(), model.decode(z).flatten()]),
-                    facts={"architecture": "ConvVAE", "config.resolution": 16, "config.res_blocks": 2,
+                    facts={"architecture": "ConvVAE", "config.resolution": 16, "config.res_blocks": [1, 0, 2],
                            "config.channels": [8, 16, 16], "config.latent_dim": 6})
 
 
@@ -145,7 +147,8 @@ def test_detection(tmp_path, shared_dir):
     ({"in_channels": 2}, "in_channels expected 1 or 3, got 2"),
     ({"groups": 3}, r"groups=3 must divide every width in channels \[8, 16, 16\]"),
     ({"channels": []}, "channels expected a non-empty list"),
-    ({"res_blocks": -1}, "res_blocks expected an integer >= 0"),
+    ({"res_blocks": -1}, r"res_blocks expected an integer >= 0 or 3 of them \(one per level"),
+    ({"res_blocks": [1, 1]}, r"res_blocks expected .*got \[1, 1\]"),
     ({"latent": 4}, r"unknown key\(s\) \['latent'\]"),
 ])
 def test_config_errors_name_the_key(change, message):

@@ -314,6 +314,9 @@ def _config_from_shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     f = 2 ** (n_levels - 1)
     if moments.ndim == 2:  # flat: Linear(width * side^2 -> 2d)
         side = round((moments.shape[1] / widths[-1]) ** 0.5)
+        if side * side * widths[-1] != moments.shape[1]:
+            raise ModelLoadError(f"ConvVAE: enc.to_moments takes {moments.shape[1]} features, not {widths[-1]} "
+                                 "channels of a square map")
         cfg.update(latent_dim=int(moments.shape[0]) // 2, latent_channels=None, resolution=side * f)
     else:
         cfg.update(latent_dim=None, latent_channels=int(moments.shape[0]) // 2, resolution=4 * f)

@@ -135,6 +135,9 @@ def test_detection(tmp_path, shared_dir):
     assert not conv.detect({k: v for k, v in sd.items() if k != "dec.to_image.weight"}, {})
     fc_sd, fc_meta = read_state_dict(shared_dir / "weights" / "mnist" / "vae_fc.pth")
     assert not conv.detect(fc_sd, fc_meta)
+    odd = {**sd, "enc.to_moments.weight": torch.zeros(10, 16 * 3 * 3 + 1)}
+    with pytest.raises(ModelLoadError, match="enc.to_moments takes 145 features, not 16 channels of a square map"):
+        conv.load(odd, {})
     with pytest.raises(ModelLoadError, match="ConvVAE.*resolution expected a positive multiple of 4"):
         load_file(tmp_path, sd, folder="vae", metadata={"architecture": "ConvVAE",
                                                         "config": json.dumps({**FLAT, "resolution": 14})})

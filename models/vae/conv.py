@@ -1,12 +1,14 @@
 """A small convolutional VAE (own design) for small images such as MNIST digits, trained with the ELBO.
 
-Encoder: a 3x3 stem to `channels[0]`, then per level `res_blocks` residual blocks (GroupNorm, SiLU, 3x3 conv, twice)
-and a stride-2 3x3 conv to the next level's width (so `len(channels) - 1` halvings), GroupNorm and SiLU, then
+Encoder: a 3x3 stem to `channels[0]`; per level `res_blocks` residual blocks (GroupNorm, SiLU, 3x3 conv, twice),
+then GroupNorm, SiLU and a stride-2 3x3 conv to the next level's width (`len(channels) - 1` halvings); last,
+GroupNorm, SiLU and
 - a flat latent (`latent_dim`): a linear layer from the last feature map to (mean, log variance), each [B,d,1,1];
 - or a spatial latent (`latent_channels`): a 3x3 conv to (mean, log variance), each [B,c,H/f,W/f], f = 2**(L-1).
-The decoder mirrors it (nearest-neighbour upsampling then a 3x3 conv) and ends in a 3x3 conv giving per-pixel
-LOGITS: `decode_logits` is what a trainer puts into a Bernoulli likelihood (BCE with logits), `decode` returns
-sigmoid(logits), images in [0,1]. No BatchNorm: training and evaluation compute the same function.
+The decoder mirrors it (per level: blocks, then GroupNorm, SiLU, nearest x2 and a 3x3 conv) and ends in GroupNorm,
+SiLU and a 3x3 conv giving per-pixel LOGITS: `decode_logits` is what a trainer puts into a Bernoulli likelihood (BCE
+with logits); `decode` returns sigmoid(logits), images in [0,1]. No BatchNorm: training and evaluation compute the
+same function.
 
 Pixel range: images are [B,C,R,R] in [0,1] everywhere (encode, encode_stats, decode), C = `in_channels` (1 or 3).
 
@@ -110,18 +112,21 @@ class ResBlock(nn.Module):
 
 
 class Level(nn.Module):
-    """`n` residual blocks, then `resample` (a stride-2 conv down, nearest x2 + conv up) to the next width, or none."""
+    """`n` residual blocks, then GroupNorm, SiLU and `resample` (a stride-2 conv down, nearest x2 + conv up) to the
+    next width, or nothing (the last level). The activation keeps a level without blocks from being linear."""
 
     def __init__(self, c: int, n: int, groups: int, out: int | None, up: bool) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*(ResBlock(c, groups) for _ in range(n)))
         self.up = up
+        self.norm = None if out is None else nn.GroupNorm(groups, c)
         self.resample = None if out is None else nn.Conv2d(c, out, 3, stride=1 if up else 2, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B,c,h,w] -> [B,out,h/2,w/2] (down) or [B,out,2h,2w] (up)
         x = self.blocks(x)
-        if self.resample is None:
+        if self.resample is None or self.norm is None:
             return x
+        x = F.silu(self.norm(x))
         if self.up:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.resample(x)

@@ -51,6 +51,7 @@ def _reference(sd: dict, cfg: dict, x: torch.Tensor, z: torch.Tensor) -> tuple[t
         for j in range(n[i]):
             h = _res(sd, f"enc.levels.{i}.blocks.{j}.", h, g)
         if i < L - 1:
+            h = F.silu(F.group_norm(h, g, sd[f"enc.levels.{i}.norm.weight"], sd[f"enc.levels.{i}.norm.bias"]))
             h = F.conv2d(h, sd[f"enc.levels.{i}.resample.weight"], sd[f"enc.levels.{i}.resample.bias"], stride=2,
                          padding=1)
     h = F.silu(F.group_norm(h, g, sd["enc.norm.weight"], sd["enc.norm.bias"]))
@@ -61,6 +62,7 @@ def _reference(sd: dict, cfg: dict, x: torch.Tensor, z: torch.Tensor) -> tuple[t
         for j in range(n[L - 1 - i]):
             h = _res(sd, f"dec.levels.{i}.blocks.{j}.", h, g)
         if i < L - 1:
+            h = F.silu(F.group_norm(h, g, sd[f"dec.levels.{i}.norm.weight"], sd[f"dec.levels.{i}.norm.bias"]))
             h = F.interpolate(h, scale_factor=2.0, mode="nearest")
             h = F.conv2d(h, sd[f"dec.levels.{i}.resample.weight"], sd[f"dec.levels.{i}.resample.bias"], padding=1)
     h = F.silu(F.group_norm(h, g, sd["dec.norm.weight"], sd["dec.norm.bias"]))

@@ -40,11 +40,13 @@ from .kl import draw
 log = logging.getLogger(__name__)
 
 ARCHITECTURE = "ConvVAE"
+# The defaults are the MNIST model (795 k parameters; on 8,000 digits, 2 shared CPU cores: 6.8 epochs gave 20.8 dB on
+# 2,000 held-out digits, prior samples at LeNet confidence 0.84). Residual blocks at 28x28 cost 3x the time.
 DEFAULTS: dict[str, Any] = {
     "in_channels": 1,  # 1 (grey) or 3 (RGB)
     "resolution": 28,  # training image side; a multiple of 2**(len(channels) - 1)
     "channels": [32, 64, 128],  # width per level; each level after the first halves the side
-    "res_blocks": 1,  # residual blocks per level: one count for all, or a list (one per level, e.g. [0, 1, 1])
+    "res_blocks": 0,  # residual blocks per level: one count for all, or a list (one per level, e.g. [0, 1, 1])
     "latent_dim": 32,  # flat latent size, or None for a spatial latent
     "latent_channels": None,  # spatial latent channels (with latent_dim None)
     "groups": 8,  # GroupNorm groups; every width must be a multiple

@@ -27,6 +27,7 @@ DETECTORS: list[tuple[str, str]] = [
     ("MLP GAN", ".gan.mlp"),
     ("CycleGAN/pix2pix", ".gan.pix2pix"),
     ("TAESD", ".vae.taesd"),
+    ("ConvVAE", ".vae.conv"),
     ("KL autoencoder", ".vae.kl"),
     ("MNIST FC VAE", ".vae.fc"),
     ("UNet2DModel (diffusers)", ".diffusion.unet2d_io"),

@@ -33,9 +33,10 @@ def _vae(vae: object) -> codec.VAE:
 class AtelierLoadVAE:
     DESCRIPTION = ("Loads a VAE from models/vae or models/vae_approx: KL autoencoders (SD1/SD2/SDXL, SD3/Flux "
                    "16-channel; CompVis or diffusers keys, bare or inside a checkpoint), the TAESD family (taesd, "
-                   "taesdxl, taesd3, taef1, taef2) and fully connected VAEs (MNIST). A TAESD *_encoder or *_decoder "
-                   "file brings its companion from the same folder, so either name gives the whole autoencoder. "
-                   "Files are read safely (no code in them runs).")
+                   "taesdxl, taesd3, taef1, taef2), fully connected VAEs (MNIST) and the pack's convolutional VAEs "
+                   "(ConvVAE, as the VAE trainer saves them). A TAESD *_encoder or *_decoder file brings its "
+                   "companion from the same folder, so either name gives the whole autoencoder. Files are read "
+                   "safely (no code in them runs).")
     CATEGORY = CATEGORY
     RETURN_TYPES = (VAE_TYPE,)
     RETURN_NAMES = ("vae",)
@@ -54,9 +55,9 @@ class AtelierLoadVAE:
 
 class AtelierVAEEncode:
     DESCRIPTION = ("Encodes images to a LATENT (unscaled latents, core's convention): the posterior mean, or a draw "
-                   "from the posterior with a seed (KL and fully connected VAEs; TAESD is deterministic). Sides that "
-                   "are not multiples of 8 are padded and cropped back by Atelier VAE Decode. Large images are tiled "
-                   "automatically; alpha is dropped.")
+                   "from the posterior with a seed (KL, fully connected and convolutional VAEs; TAESD is "
+                   "deterministic). Sides that are not multiples of 8 are padded and cropped back by Atelier VAE "
+                   "Decode. Large images are tiled automatically; alpha is dropped.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -123,9 +124,9 @@ class AtelierVAESample:
         return {"required": {
             "vae": (VAE_TYPE, {"tooltip": "From Atelier Load VAE."}),
             "width": ("INT", {"default": 512, "min": 8, "max": codec.MAX_SIDE, "step": 8, "tooltip": "Image width the "
-                              "latents decode to (a fully connected VAE has one size and ignores it)."}),
+                              "latents decode to (a VAE with a flat latent, e.g. MNIST's, has one size: ignored)."}),
             "height": ("INT", {"default": 512, "min": 8, "max": codec.MAX_SIDE, "step": 8, "tooltip": "Image height "
-                               "the latents decode to (ignored by a fully connected VAE)."}),
+                               "the latents decode to (ignored by a VAE with a flat latent)."}),
             "batch_size": ("INT", {"default": 4, "min": 1, "max": 4096, "tooltip": "Number of latents."}),
             "seed": seed_input("Seed of the first latent; latent i of the batch uses seed + i."),
             "temperature": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Standard "

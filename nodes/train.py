@@ -25,6 +25,7 @@ from ..models.train.plot import loss_curve
 from .common import bchw_to_image, seed_input
 from .diffusion import DIFFUSION
 from .gan import GAN
+from .vae import VAE_TYPE as VAE
 
 CATEGORY = "atelier/train"
 DATASET = "ATELIER_DATASET"
@@ -317,12 +318,25 @@ class AtelierTrainGAN(TrainNode):
                        "Step, speed, last losses, the file written and the data.")
 
 
+class AtelierTrainVAE(TrainNode):
+    DESCRIPTION = ("Trains a convolutional VAE with the ELBO (BCE or MSE reconstruction, KL weight beta with a "
+                   "warm-up) on a dataset: each Run trains `steps` more steps, showing the losses and prior-sample "
+                   "previews, saving to models/vae, and returns it for the VAE encode, decode and sampling nodes.")
+    KIND = "vae"
+    RETURN_TYPES = TrainNode.outputs(VAE)
+    OUTPUT_TOOLTIPS = ("The VAE as saved (EMA weights), for VAE Encode/Decode and sampling from the prior.",
+                       "Decoded samples from the prior of the last preview.",
+                       "The loss, its reconstruction and KL terms per step (raw and smoothed).",
+                       "Step, speed, last losses, the file written and the data.")
+
+
 NODE_CLASS_MAPPINGS = {
     "AtelierImageFolderDataset": AtelierImageFolderDataset,
     "AtelierImagesAsDataset": AtelierImagesAsDataset,
     "AtelierDatasetImages": AtelierDatasetImages,
     "AtelierTrainDiffusion": AtelierTrainDiffusion,
     "AtelierTrainGAN": AtelierTrainGAN,
+    "AtelierTrainVAE": AtelierTrainVAE,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierImageFolderDataset": "Atelier Image Folder Dataset",
@@ -330,4 +344,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierDatasetImages": "Atelier Dataset Images",
     "AtelierTrainDiffusion": "Atelier Train Diffusion",
     "AtelierTrainGAN": "Atelier Train GAN",
+    "AtelierTrainVAE": "Atelier Train VAE",
 }

@@ -122,12 +122,37 @@ def _gan_options() -> tuple[Option, ...]:
     )
 
 
+def _vae_task(data: ImageDataset, *, width: int, latent_dim: int, reconstruction: str, beta: float,
+              kl_warmup: int) -> TrainTask:
+    from ..vae.train import VAETask
+
+    return VAETask(resolution=data.size, channels=data.channels, width=width, latent_dim=latent_dim, res_blocks=0,
+                   reconstruction=reconstruction, beta=beta, kl_warmup=kl_warmup)
+
+
+def _vae_options() -> tuple[Option, ...]:
+    from ..vae.train import RECONSTRUCTIONS
+
+    return (
+        Option("width", 32, "Channels of the first level (then 2x and 4x; the image is halved twice, so the "
+               "resolution must be a multiple of 4).", min=8, max=256),
+        Option("latent_dim", 32, "Size of the flat latent z (0: a spatial latent of 4 channels at 1/4 size, sharper "
+               "reconstructions, weaker prior samples).", min=0, max=1024),
+        Option("reconstruction", "bce", "Likelihood of the pixels: bce (Bernoulli, for near-binary images such as "
+               "digits) or mse (Gaussian, photos).", tuple(RECONSTRUCTIONS)),
+        Option("beta", 1.0, "Weight of the KL term (1: the ELBO; above 1: a beta-VAE, smoother latents, blurrier "
+               "images).", min=0.0, max=100.0),
+        Option("kl_warmup", 1000, "Steps over which the KL weight rises from 0 to beta.", min=0, max=10_000_000),
+    )
+
+
 KINDS: dict[str, TrainKind] = {
     "diffusion": TrainKind("diffusion", "diffusion_models", "diffusion", _diffusion_task, _diffusion_options(),
                            {"lr": 2e-4, "batch_size": 64, "warmup": 100, "ema": 0.999}),
     "gan": TrainKind("gan", "gans", "gan", _gan_task, _gan_options(),
                      {"lr": 2e-4, "batch_size": 64, "warmup": 0, "ema": 0.999}),
-    "vae": TrainKind("vae", "vae", "vae", None),
+    "vae": TrainKind("vae", "vae", "vae", _vae_task, _vae_options(),
+                     {"lr": 2e-3, "batch_size": 64, "warmup": 100, "ema": 0.999}),
 }
 
 

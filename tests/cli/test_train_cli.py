@@ -59,8 +59,14 @@ def test_train_errors_print_one_line(tmp_path, capsys):
     assert main(["train", "diffusion", str(tmp_path / "empty"), "--out", str(tmp_path / "m.safetensors")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("atelier: error:") and "empty" in err and "\n" not in err
-    assert main(["train", "gan", str(tmp_path / "empty"), "--out", str(tmp_path / "g.safetensors")]) == 1
+    (tmp_path / "one").mkdir()
+    from PIL import Image
+
+    Image.new("L", (28, 28), 128).save(tmp_path / "one" / "a.png")
+    assert main(["train", "gan", str(tmp_path / "one"), "--resolution", "28", "--channels", "1",
+                 "--out", str(tmp_path / "g.safetensors")]) == 1  # a DCGAN side is 4 * 2**k
     err = capsys.readouterr().err.strip()
-    assert "not available yet" in err and "\n" not in err
+    assert err.startswith("atelier: error:") and "resolution" in err and "28" in err and "\n" not in err
+    assert not (tmp_path / "g.safetensors").exists()
     assert main(["train", "diffusion", str(tmp_path), "--out", str(tmp_path / "m.pt")]) == 1
     assert "--out" in capsys.readouterr().err

@@ -254,10 +254,14 @@ class AtelierRePaint:
             "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "Fresh noise in the "
                     "filled area per step: 0 (diffusers' default) or 1 (the original DDPM sampler)."}),
             "clip": (list(CLIP_CHOICES), {"default": "auto", "tooltip": TIPS["clip"]}),
+        }, "optional": {
+            "class_label": ("INT", {"default": -1, "min": -1, "max": 1_000_000, "tooltip": "For a class-conditional "
+                            "model: the class to complete toward; -1: none (the model's null class, i.e. its "
+                            "unconditional score, when it was trained with one; else a random class per seed)."}),
         }}
 
     def inpaint(self, model, image, mask, seed: int, steps: int, jump_length: int, jump_n_sample: int,
-                resample_from: float, eta: float, clip: str):
+                resample_from: float, eta: float, clip: str, class_label: int = -1):
         facts = _run.facts_of(_model(model), "model")
         x = _to_model(image, facts.in_channels, "image")
         keep = 1.0 - _mask(mask, x)
@@ -265,7 +269,7 @@ class AtelierRePaint:
                                          jump_n_sample=int(jump_n_sample), resample_from=float(resample_from),
                                          eta=float(eta))
         out = _run.inpaint(get_manager(), model, x, keep, sched, seed=int(seed),
-                           clip=None if clip == "auto" else clip == "on")
+                           clip=None if clip == "auto" else clip == "on", class_label=int(class_label))
         return (_outputs(out, False)[0],)
 
 

@@ -211,6 +211,8 @@ def inpaint(manager, desc: ModelDescriptor, image: torch.Tensor, keep: torch.Ten
                          "Sample to generate a new image")
     B, _, H, W = image.shape
     keep = keep.expand(B, -1, -1, -1).float()
+    if class_label == -1 and facts.null_class is not None:  # no class asked: the model's unconditional score
+        class_label = facts.null_class
     labels = class_labels(facts, class_label, seed, B)
     chunk = chunk_size(manager, desc, B, H, W, 1.0)
     calls = model_calls(schedule, facts.schedule.num_train_timesteps)

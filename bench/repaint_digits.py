@@ -1,0 +1,97 @@
+"""RePaint digit completion with the pack's shipped MNIST DDPM (issue: inpainting), judged by the LeNet-5 of
+../shared/weights/mnist: held-out digits (the last 2,000 test digits, which the DDPM never saw) with their lower
+half hidden, completed by RePaint (unconditional: the model's null class) and by OpenCV's Telea fill of the same
+mask (the baseline, measured in the same run); the share of completed digits the classifier reads as their true
+label, and the PSNR inside the hole.
+
+    python bench/repaint_digits.py [--ddpm FILE] [--n 100] [--steps 100] [--jump-n-sample 2]
+
+The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bench_common import REPO, pkg_root  # noqa: E402
+from mnist_models import HELD_OUT, mnist  # noqa: E402
+
+
+def telea(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # [N,1,S,S] in 0..1
+    import cv2
+
+    out = []
+    for img, k in zip(images, keep):
+        u8 = (img[0].numpy() * 255).round().astype(np.uint8)
+        hole = ((1 - k[0].numpy()) * 255).astype(np.uint8)
+        out.append(torch.from_numpy(cv2.inpaint(u8, hole, 3, cv2.INPAINT_TELEA).astype(np.float32) / 255))
+    return torch.stack(out)[:, None]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ddpm", default=str(REPO / "pretrained" / "diffusion_models" / "atelier_mnist_ddpm.safetensors"))
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--jump-length", type=int, default=10)
+    ap.add_argument("--jump-n-sample", type=int, default=2)
+    ap.add_argument("--shared", default=os.environ.get("ATELIER_SHARED", str(REPO.parent / "shared")))
+    a = ap.parse_args()
+    sys.path.insert(0, str(pkg_root()))
+    from atelier.models.diffusion import run
+    from atelier.models.diffusion.repaint import RePaintSchedule, model_calls
+    from atelier.models.manager import get_manager
+
+    shared = pathlib.Path(a.shared)
+    images, labels = mnist(shared)
+    idx = torch.arange(len(images) - HELD_OUT, len(images))[torch.randperm(HELD_OUT, generator=torch.Generator()
+                                                                           .manual_seed(0))[: a.n]]
+    x = F.pad(images[idx], (2, 2, 2, 2))  # [n,1,32,32] in 0..1: MNIST's 28² digits centred, as LeNet-5 sees them
+    y = labels[idx]
+    keep = torch.ones_like(x)
+    keep[..., 16:, :] = 0  # the lower half is hidden
+    m = get_manager()
+    lenet = m.load(str(shared / "weights/mnist/lenet_classifier.pth"), family="features")
+    desc = m.load(a.ddpm, family="diffusion")
+    sched = RePaintSchedule(steps=a.steps, jump_length=a.jump_length, jump_n_sample=a.jump_n_sample)
+    t0 = time.perf_counter()
+    filled = ((run.inpaint(m, desc, x * 2 - 1, keep, sched, seed=0) + 1) / 2).clamp(0, 1)
+    seconds = time.perf_counter() - t0
+    base = telea(x, keep)
+
+    def judge(img: torch.Tensor) -> dict:
+        with torch.inference_mode():
+            p = lenet.model.classify(img).exp()
+        hole = (img - x)[..., 16:, :].square().flatten(1).mean(1)
+        return {"label_accuracy": round(float((p.argmax(1) == y).float().mean()), 3),
+                "true_label_confidence": round(float(p[torch.arange(len(y)), y].mean()), 3),
+                "psnr_hole_db": round(float((10 * torch.log10(1 / hole.clamp_min(1e-10))).mean()), 2)}
+
+    result = {"n": a.n, "model_calls": model_calls(sched), "seconds": round(seconds, 1),
+              "repaint": judge(filled), "telea": judge(base), "original": judge(x),
+              "top_half_only": judge(x * keep)}
+    result["accuracy_ratio_repaint_over_telea"] = round(
+        result["repaint"]["label_accuracy"] / max(result["telea"]["label_accuracy"], 1e-9), 3)
+    for k, v in result.items():
+        print(f"{k:>34}: {json.dumps(v)}", file=sys.stderr)
+    try:
+        from PIL import Image
+
+        strip = torch.cat([torch.cat(list(t[:10, 0]), dim=1) for t in (x * keep, filled, base, x)], dim=0)
+        Image.fromarray((strip.numpy() * 255).round().astype(np.uint8)).save(REPO / "docs" / "repaint_digits.png")
+    except OSError:
+        pass
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

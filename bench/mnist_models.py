@@ -6,6 +6,7 @@
   class too): mean LeNet confidence (goal >= 0.90) and the share of every digit (goal >= 5 %).
 - Conv VAE: PSNR of reconstructions (posterior mean) of the 2,000 held-out digits (goal >= 22 dB; the fully
   connected VAE in ../shared/weights/mnist is measured beside it), and prior samples' confidence (goal >= 0.8).
+  Two PSNRs: the mean of the per-image PSNRs, and the PSNR of the pooled squared error of all pixels.
 - DCGAN: confidence of n samples (goal >= 0.90).
 - FID and KID with the LeNet's f6 features against the held-out digits (the last 2,000 test digits), next to the
   floor (the held-out digits split in two random halves) and the MLP GAN in ../shared/weights/mnist.
@@ -172,7 +173,9 @@ def vae(pkg, path: str, judge: Judge, n: int, shared: pathlib.Path) -> dict:
         rec, prior = m.run(desc, run)
         rec = rec.reshape(len(x), 1, res, res)
         psnr = pkg.models.metrics.psnr(rec.clamp(0, 1), x).mean().item()
-        out[key] = {"psnr_heldout_db": round(psnr, 2), "prior": judge.score(prior.reshape(n, 1, res, res))}
+        pooled = 10 * math.log10(1 / float((rec.clamp(0, 1) - x).square().mean()))
+        out[key] = {"psnr_heldout_db": round(psnr, 2), "psnr_pooled_db": round(pooled, 2),
+                    "prior": judge.score(prior.reshape(n, 1, res, res))}
     return out
 
 

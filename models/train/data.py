@@ -60,7 +60,7 @@ class ImageDataset:
         if self.flip:
             flip = torch.rand(B, generator=generator) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x.float() / 255.0
+        return x.float().div_(255.0)  # in place on the fresh float copy: one allocation, not two
 
     def summary(self) -> str:
         classes = f", {self.num_classes} classes" if self.num_classes else ""

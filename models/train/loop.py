@@ -121,16 +121,26 @@ def mix(seed: int, step: int, stream: int) -> int:
     return h & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:  # [batch] long
-    """The items of step `step`: consecutive slices of one seeded permutation per epoch."""
-    out, start = [], step * batch
-    while len(out) < batch:
+def batch_indices(n: int, batch: int, seed: int, step: int,
+                  orders: dict[int, torch.Tensor] | None = None) -> torch.Tensor:  # [batch] long
+    """The items of step `step`: consecutive slices of one seeded permutation per epoch. `orders` (epoch ->
+    permutation) is a cache the caller keeps between steps, so an epoch's permutation is drawn once, not every step
+    (the same indices either way; it holds the last two epochs)."""
+    parts, got, start = [], 0, step * batch
+    while got < batch:
         epoch, offset = divmod(start, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix(seed, epoch, _STREAM_ORDER)))
-        take = perm[offset:offset + batch - len(out)].tolist()
-        out += take
+        perm = orders.get(epoch) if orders is not None else None
+        if perm is None:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix(seed, epoch, _STREAM_ORDER)))
+            if orders is not None:
+                while len(orders) >= 2:
+                    orders.pop(min(orders))
+                orders[epoch] = perm
+        take = perm[offset:offset + batch - got]
+        parts.append(take)
+        got += len(take)
         start += len(take)
-    return torch.tensor(out, dtype=torch.long)
+    return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
 
 def init_distributed() -> bool:
@@ -274,6 +284,7 @@ class Trainer:
         self._base_step = self.step  # where this call started
         self._saved_step = -1  # the step of the last checkpoint this run wrote (-1: none)
         self._stepped = False  # an optimizer has updated the weights in the step under way
+        self._orders: dict[int, torch.Tensor] = {}  # epoch -> its permutation of the items (batch_indices' cache)
 
     def _claim_output(self, path: str) -> str:
         """`path` when it is free or holds this run's checkpoint; otherwise a free name (never overwrite)."""
@@ -362,7 +373,7 @@ class Trainer:
                 eb.copy_(sb)
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = batch_indices(len(self.data), self.settings.batch_size, self.seed, step)
+        idx = batch_indices(len(self.data), self.settings.batch_size, self.seed, step, self._orders)
         x = self.data.batch(idx, torch.Generator().manual_seed(mix(self.seed, step, _STREAM_AUGMENT)))
         labels = self.data.labels[idx] if self.data.labels is not None else None
         x = self.dist.local(x).to(self.device, non_blocking=True)

@@ -24,13 +24,27 @@ def _check(kind: str) -> None:
 
 
 def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:  # scalar
-    """The discriminator's loss for `kind` (without WGAN-GP's penalty: add `gradient_penalty`)."""
+    """The discriminator's loss for `kind` (without WGAN-GP's penalty: add `gradient_penalty`): the sum of its real
+    and fake parts, which `d_loss_real` / `d_loss_fake` give one at a time."""
+    return d_loss_real(kind, real_logits) + d_loss_fake(kind, fake_logits)
+
+
+def d_loss_real(kind: str, real_logits: torch.Tensor) -> torch.Tensor:  # scalar
     _check(kind)
     if kind == "non_saturating":
-        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+        return F.softplus(-real_logits).mean()
     if kind == "hinge":
-        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-    return fake_logits.mean() - real_logits.mean()
+        return F.relu(1 - real_logits).mean()
+    return -real_logits.mean()
+
+
+def d_loss_fake(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:  # scalar
+    _check(kind)
+    if kind == "non_saturating":
+        return F.softplus(fake_logits).mean()
+    if kind == "hinge":
+        return F.relu(1 + fake_logits).mean()
+    return fake_logits.mean()
 
 
 def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:  # scalar

@@ -1,8 +1,8 @@
 """Training a DCGAN (Radford et al. 2016) on a dataset: the GAN family's `TrainTask` for the shared loop in
 `models/train/loop.py`.
 
-One step: the discriminator on the real batch and a generated one (one call on both, so batch statistics and DDP see
-one forward), its loss (non-saturating, hinge or WGAN with gradient penalty), then the generator against the updated
+One step: the discriminator on the real batch, then on a generated one (each part's backward before the next, as
+the PyTorch DCGAN tutorial does; under DDP one call on both, one forward per backward), its loss (non-saturating, hinge or WGAN with gradient penalty), then the generator against the updated
 discriminator on the same fakes. Class-conditional from the dataset's labels (sub-folder names): G's label embedding,
 D's projection. The file is the generator in the DCGAN layout `dcgan.py` loads (EMA weights), with the class names
 in its metadata, so Load GAN lists it and the GAN samplers draw from it.
@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..train.loop import StepContext, TrainTask
-from .losses import LOSSES, d_loss, g_loss, gradient_penalty
+from .losses import LOSSES, d_loss, d_loss_fake, d_loss_real, g_loss, gradient_penalty
 from .train_nets import build_dcgan, check_resolution, save_dcgan
 
 # Adam betas per loss: DCGAN's (0.5, 0.999); WGAN-GP's (0, 0.9) (Gulrajani et al. 2017)
@@ -62,14 +62,23 @@ class GANTask(TrainTask):
         real = batch * 2 - 1  # [b,C,R,R] in -1..1
         b = real.shape[0]
         z = ctx.randn(self.z_dim)  # [b,z]
-        both = None if labels is None else torch.cat([labels, labels])
         with ctx.autocast():
             fake = G(z, labels)
-            logits = D(torch.cat([real, fake.detach()]), both).float()
-        loss_d = d_loss(self.loss, logits[:b], logits[b:])
+        if ctx.distributed:  # DDP: one discriminator forward per backward, on real and fake together
+            both = None if labels is None else torch.cat([labels, labels])
+            with ctx.autocast():
+                logits = D(torch.cat([real, fake.detach()]), both).float()
+            loss_d = d_loss(self.loss, logits[:b], logits[b:])
+        else:  # real, then fake, as the DCGAN tutorial does: half the discriminator activations held at once
+            with ctx.autocast():
+                loss_real = d_loss_real(self.loss, D(real, labels).float())
+            ctx.accumulate(loss_real)
+            with ctx.autocast():
+                loss_fake = d_loss_fake(self.loss, D(fake.detach(), labels).float())
+            loss_d = loss_real.detach() + loss_fake
         if self.loss == "wgan_gp":
             seed = int(ctx.randint(2**62)[0])
-            loss_d = loss_d + gradient_penalty(D, real, fake.float(), labels, self.gp_weight,
+            loss_d = loss_d + gradient_penalty(D, real, fake.detach().float(), labels, self.gp_weight,
                                                torch.Generator().manual_seed(seed))
         ctx.backward("D", loss_d)
         D.requires_grad_(False)  # the generator's step must not leave gradients in D

@@ -228,7 +228,21 @@ class StepContext:
         return self._gen
 
     def backward(self, name: str, loss: torch.Tensor) -> None:
+        """Backward of `loss` (plus anything `accumulate`d), clipping and one step of optimizer `name`."""
         self._loop.optimize(name, loss)
+
+    def accumulate(self, loss: torch.Tensor) -> None:
+        """Backward of a part of the next `backward`'s loss now, so its activations are freed before the rest is
+        computed (a GAN's discriminator on real, then on fake images: half the activations held at once)."""
+        if self._loop.scaler is not None:
+            self._loop.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    @property
+    def distributed(self) -> bool:
+        """Running as one of several processes (DDP): one forward per backward there."""
+        return self._loop.dist.world > 1
 
 
 @dataclass

@@ -80,7 +80,8 @@ class Judge:
         return {"fid": round(self.metrics.fid(a, b), 3), "kid": round(kid, 4), "kid_std": round(kid_std, 4)}
 
 
-def ddpm(pkg, path: str, n: int, steps: int) -> dict[str, torch.Tensor]:
+def ddpm(pkg, path: str, n: int, steps: int, guidance: float = 1.0, unconditional: bool = True
+         ) -> dict[str, torch.Tensor]:
     run = pkg.models.diffusion.run
     m = pkg.models.manager.get_manager()
     desc = m.load(path, family="diffusion")
@@ -88,11 +89,15 @@ def ddpm(pkg, path: str, n: int, steps: int) -> dict[str, torch.Tensor]:
     s = facts.sample_size
     out = {}
     settings = run.SampleSettings(steps=steps, sampler="ddim", spacing="trailing")
+    guided = run.SampleSettings(steps=steps, sampler="ddim", spacing="trailing", guidance=guidance)
     t0 = time.perf_counter()
     x = run.sample(m, desc, settings, seed=0, batch=n, height=s, width=s, class_label=-1)
     out["ddpm_classes"] = ((x + 1) / 2).clamp(0, 1)
+    if guidance != 1.0 and facts.null_class is not None:
+        x = run.sample(m, desc, guided, seed=0, batch=n, height=s, width=s, class_label=-1)
+        out[f"ddpm_classes_guidance_{guidance:g}"] = ((x + 1) / 2).clamp(0, 1)
     print(f"DDPM: {n} class-conditional samples in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    if facts.null_class is not None:
+    if unconditional and facts.null_class is not None:
         x = run.sample(m, desc, settings, seed=10_000, batch=n, height=s, width=s, class_label=facts.null_class)
         out["ddpm_unconditional"] = ((x + 1) / 2).clamp(0, 1)
     return out
@@ -122,6 +127,8 @@ def main() -> None:
     ap.add_argument("--vae", default=str(pre / "vae" / "atelier_mnist_convvae.safetensors"))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=1.0, help="also sample with classifier-free guidance")
+    ap.add_argument("--no-unconditional", action="store_true", help="skip the null-class samples")
     ap.add_argument("--shared", default=os.environ.get("ATELIER_SHARED", str(REPO.parent / "shared")))
     ap.add_argument("--only", default="", help="comma list of ddpm,dcgan,vae,mlp")
     a = ap.parse_args()
@@ -139,7 +146,7 @@ def main() -> None:
     if (not only or "mlp" in only):
         result["mlp_gan_reference"] = judge.score(gan_samples(pkg, str(shared / "weights/mnist/gan_mlp_G.ckpt"), a.n))
     if (not only or "ddpm" in only) and os.path.isfile(a.ddpm):
-        for k, x in ddpm(pkg, a.ddpm, a.n, a.steps).items():
+        for k, x in ddpm(pkg, a.ddpm, a.n, a.steps, a.guidance, not a.no_unconditional).items():
             result[k] = judge.score(x)
     if (not only or "dcgan" in only) and os.path.isfile(a.dcgan):
         result["dcgan"] = judge.score(gan_samples(pkg, a.dcgan, a.n))

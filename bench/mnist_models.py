@@ -80,8 +80,8 @@ class Judge:
         return {"fid": round(self.metrics.fid(a, b), 3), "kid": round(kid, 4), "kid_std": round(kid_std, 4)}
 
 
-def ddpm(pkg, path: str, n: int, steps: int, guidance: float = 1.0, unconditional: bool = True
-         ) -> dict[str, torch.Tensor]:
+def ddpm(pkg, path: str, n: int, steps: int, guidance: float = 1.0, unconditional: bool = True,
+         guided_only: bool = False) -> dict[str, torch.Tensor]:
     run = pkg.models.diffusion.run
     m = pkg.models.manager.get_manager()
     desc = m.load(path, family="diffusion")
@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=1.0, help="also sample with classifier-free guidance")
     ap.add_argument("--no-unconditional", action="store_true", help="skip the null-class samples")
+    ap.add_argument("--guided-only", action="store_true", help="only the guided samples")
     ap.add_argument("--shared", default=os.environ.get("ATELIER_SHARED", str(REPO.parent / "shared")))
     ap.add_argument("--only", default="", help="comma list of ddpm,dcgan,vae,mlp")
     a = ap.parse_args()
@@ -146,7 +147,8 @@ def main() -> None:
     if (not only or "mlp" in only):
         result["mlp_gan_reference"] = judge.score(gan_samples(pkg, str(shared / "weights/mnist/gan_mlp_G.ckpt"), a.n))
     if (not only or "ddpm" in only) and os.path.isfile(a.ddpm):
-        for k, x in ddpm(pkg, a.ddpm, a.n, a.steps, a.guidance, not a.no_unconditional).items():
+        for k, x in ddpm(pkg, a.ddpm, a.n, a.steps, a.guidance, not a.no_unconditional,
+                         a.guided_only).items():
             result[k] = judge.score(x)
     if (not only or "dcgan" in only) and os.path.isfile(a.dcgan):
         result["dcgan"] = judge.score(gan_samples(pkg, a.dcgan, a.n))

@@ -91,12 +91,13 @@ def ddpm(pkg, path: str, n: int, steps: int, guidance: float = 1.0, unconditiona
     settings = run.SampleSettings(steps=steps, sampler="ddim", spacing="trailing")
     guided = run.SampleSettings(steps=steps, sampler="ddim", spacing="trailing", guidance=guidance)
     t0 = time.perf_counter()
-    x = run.sample(m, desc, settings, seed=0, batch=n, height=s, width=s, class_label=-1)
-    out["ddpm_classes"] = ((x + 1) / 2).clamp(0, 1)
+    if not guided_only:
+        x = run.sample(m, desc, settings, seed=0, batch=n, height=s, width=s, class_label=-1)
+        out["ddpm_classes"] = ((x + 1) / 2).clamp(0, 1)
     if guidance != 1.0 and facts.null_class is not None:
         x = run.sample(m, desc, guided, seed=0, batch=n, height=s, width=s, class_label=-1)
         out[f"ddpm_classes_guidance_{guidance:g}"] = ((x + 1) / 2).clamp(0, 1)
-    print(f"DDPM: {n} class-conditional samples in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(f"DDPM: class-conditional samples in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if unconditional and facts.null_class is not None:
         x = run.sample(m, desc, settings, seed=10_000, batch=n, height=s, width=s, class_label=facts.null_class)
         out["ddpm_unconditional"] = ((x + 1) / 2).clamp(0, 1)

@@ -18,7 +18,8 @@ import logging
 import os
 import pickle
 import zipfile
-from typing import Any
+import uuid
+from typing import Any, Callable
 
 import torch
 
@@ -224,3 +225,30 @@ def key_prefixes(sd: dict, depth: int = 2, limit: int = 12) -> list[str]:
         if len(seen) >= limit:
             break
     return seen
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a failed or interrupted write
+    never leaves a damaged file at `path`, and the temporary file is removed."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Save tensors (moved to the CPU, contiguous) and string metadata as `.safetensors` through `atomic_write`."""
+    from safetensors.torch import save_file
+
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=metadata))

@@ -30,6 +30,7 @@ import torch
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import ModelLoadError
+from ..loading import write_safetensors
 from .facts import BETA_SCHEDULES, PREDICTIONS, DiffusionFacts, TrainingSchedule
 from .unet2d import UNet2DModel, build, full_config, rename_legacy_keys
 
@@ -308,8 +309,6 @@ def save_unet(path: str | os.PathLike, model_or_sd: torch.nn.Module | dict[str, 
               schedule: TrainingSchedule | None = None, *, learned_variance: bool = False,
               latent: bool | None = None, extra_meta: dict[str, str] | None = None) -> str:
     """Write one `.safetensors` with the config and training schedule as JSON metadata (temporary name, then rename)."""
-    from safetensors.torch import save_file
-
     path = os.fspath(path)
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, torch.nn.Module) else dict(model_or_sd)
     cfg = {"_class_name": "UNet2DModel", **{k: v for k, v in full_config(config).items()}}
@@ -324,11 +323,5 @@ def save_unet(path: str | os.PathLike, model_or_sd: torch.nn.Module | dict[str, 
     if latent is not None:
         meta["latent"] = "true" if latent else "false"
     meta.update(extra_meta or {})
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_safetensors(path, sd, meta)
     return path

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..loading import write_safetensors
 from .dcgan import _plan
 
 log = logging.getLogger(__name__)
@@ -184,8 +185,6 @@ def save_dcgan(path: str | os.PathLike, G: DCGANGeneratorNet, config: dict[str, 
                extra_meta: dict[str, str] | None = None) -> str:
     """Write G as `.safetensors` (temporary name, then rename) with its config as JSON metadata: z_dim, c_dim,
     resolution, channels, class_names (one per class; default "0".."n-1") plus whatever `config` adds (loss, steps)."""
-    from safetensors.torch import save_file
-
     path = os.fspath(path)
     cfg: dict[str, Any] = dict(config or {})
     names = cfg.get("class_names")
@@ -199,13 +198,7 @@ def save_dcgan(path: str | os.PathLike, G: DCGANGeneratorNet, config: dict[str, 
     sd = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
     if _plan(sd) is None:  # what the loader would not recognise is refused before anything is written
         raise InputError("G: not a DCGAN generator layout the loader reads (build it with build_dcgan)")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(sd, tmp, metadata={**(extra_meta or {}), "config": json.dumps(cfg), "architecture": "DCGAN"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_safetensors(path, sd, {**(extra_meta or {}), "config": json.dumps(cfg), "architecture": "DCGAN"})
     log.info("saved DCGAN generator %s (%dpx, z %d, %d classes)", os.path.basename(path), G.resolution, G.z_dim,
              G.num_classes)
     return path

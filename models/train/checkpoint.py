@@ -17,11 +17,12 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..errors import InputError, ModelLoadError
+from ..loading import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,6 @@ def state_path(model_path: str) -> str:
 
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) then rename over `path`; on any failure the old file stays and the temporary one is removed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @dataclass

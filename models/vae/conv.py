@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
+from ..loading import write_safetensors
 from .facts import VAEFacts, Work
 from .kl import draw
 
@@ -278,22 +279,13 @@ def save_conv_vae(path: str | os.PathLike, model: ConvVAE, config: Mapping[str, 
     """Write `model` as one `.safetensors` with `architecture` and `config` (JSON) in its metadata, through a temporary
     name then a rename. `config` defaults to the model's own and must match it; `extra_meta` values (e.g. training
     facts) are stored as strings (JSON for non-strings)."""
-    from safetensors.torch import save_file
-
     path = os.fspath(path)
     cfg = full_config(config if config is not None else model.config, what="save_conv_vae: config")
     if cfg != model.config:
         raise InputError(f"save_conv_vae: config {cfg} does not describe the model ({model.config})")
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in dict(extra_meta or {}).items()}
     meta.update({"architecture": ARCHITECTURE, "config": json.dumps(cfg)})
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, tmp,
-                  metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_safetensors(path, {k: v.float() for k, v in model.state_dict().items()}, meta)
     return path
 
 

@@ -42,7 +42,9 @@ def add_parser(sub: Any) -> None:
                        help="the model file to write (.safetensors; a .train-state file is kept beside it)")
         p.add_argument("--resolution", type=int, default=32, help="training size in pixels (default 32)")
         p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1: greyscale, 3: RGB (default)")
-        p.add_argument("--crop", choices=CROPS, default="center", help="center (default) or random crops")
+        p.add_argument("--crop", choices=CROPS, default="center",
+                       help="center (default), random crops (from 9/8 of the size) or shift (translated by up to "
+                            "1/16 of the size: curbs memorising a small dataset)")
         p.add_argument("--flip", action="store_true", help="random horizontal flips")
         p.add_argument("--labels", action="store_true", help="class labels from the first sub-folder names")
         for o in kind.options:

@@ -40,7 +40,9 @@ def _image_options() -> dict:
         "resolution": ("INT", {"default": 32, "min": 4, "max": 4096, "step": 4, "tooltip": RESOLUTION_TIP}),
         "channels": (list(CHANNELS), {"default": "RGB", "tooltip": "RGB, or grey (one channel: digits, sketches)."}),
         "crop": (list(_data.CROPS), {"default": "center", "tooltip": "center: the middle square of every image; "
-                 "random: a new random square per step from the image resized to 9/8 of the size (augmentation)."}),
+                 "random: a new random square per step from the image resized to 9/8 of the size (augmentation); "
+                 "shift: the middle square moved by up to 1/16 of the size each step, same scale (augmentation that "
+                 "curbs memorising a small dataset: digits, icons)."}),
         "flip": ("BOOLEAN", {"default": False, "tooltip": "Mirror images left-right at random (augmentation; "
                  "leave off for digits and text)."}),
     }

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps
 
 from atelier.models.errors import InputError
-from atelier.models.train.data import from_folder, from_images
+from atelier.models.train.data import from_folder, from_images, shift_margin
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -148,3 +148,27 @@ def test_random_crop_and_flip_follow_the_generator():
         assert found, i
         kinds.update(found)
     assert {f for *_, f in kinds} == {False, True} and len({(t, l) for t, l, _ in kinds}) > 1
+
+
+
+def test_shift_crop_translates_at_the_same_scale():
+    """crop="shift": each item is the stored image, not rescaled, moved by at most shift_margin px with mirrored
+    edges (numpy's reflect padding as the reference); the offsets follow the generator and vary."""
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand((3, 32, 32, 1), generator=g)
+    ds = from_images(imgs, 32, channels=1, crop="shift")
+    assert ds.images.shape[-1] == 32 and shift_margin(32) == 2 and shift_margin(8) == 1 and shift_margin(64) == 4
+    stored = ds.images.numpy().astype(np.float32) / 255  # [3,1,32,32]
+    m = shift_margin(32)
+    padded = np.pad(stored, ((0, 0), (0, 0), (m, m), (m, m)), mode="reflect")
+    idx = torch.tensor([0, 1, 2] * 6)
+    a = ds.batch(idx, torch.Generator().manual_seed(1))
+    assert a.shape == (18, 1, 32, 32) and torch.equal(a, ds.batch(idx, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, ds.batch(idx, torch.Generator().manual_seed(2)))
+    offsets = set()
+    for item, i in zip(a.numpy(), idx.tolist()):
+        found = [(t - m, l - m) for t in range(2 * m + 1) for l in range(2 * m + 1)
+                 if np.array_equal(item, padded[i, :, t:t + 32, l:l + 32])]
+        assert len(found) == 1, (i, found)
+        offsets.update(found)
+    assert len(offsets) > 3

@@ -55,7 +55,9 @@ def main() -> None:
     images, labels = mnist(shared)
     idx = torch.arange(len(images) - HELD_OUT, len(images))[torch.randperm(HELD_OUT, generator=torch.Generator()
                                                                            .manual_seed(0))[: a.n]]
-    x = F.pad(images[idx], (2, 2, 2, 2))  # [n,1,32,32] in 0..1: MNIST's 28² digits centred, as LeNet-5 sees them
+    # [n,1,32,32] in 0..1: the 28² digits resized to 32² as the DDPM was trained (the dataset's resize) and as the
+    # LeNet-5 expects them (../shared/weights/README.md: resize 28->32 bilinear)
+    x = F.interpolate(images[idx], size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1)
     y = labels[idx]
     keep = torch.ones_like(x)
     keep[..., 16:, :] = 0  # the lower half is hidden

@@ -252,6 +252,12 @@ JS_CLICK_TEXT = """(() => { const el = Array.from(document.querySelectorAll('.p-
     e.children.length === 0 && e.textContent.trim() === %s); if (el) el.click(); return !!el })()"""
 
 
+JS_SCROLL_TO_CARD = """(() => { const c = %s; if (c) { c.scrollIntoView({block: 'center'}); return true; }
+    document.querySelectorAll('.p-dialog *').forEach(e => { if (e.scrollHeight > e.clientHeight + 4
+        && ['auto', 'scroll'].includes(getComputedStyle(e).overflowY)) e.scrollTop += e.clientHeight; });
+    return false })()"""
+
+
 def open_from_template_browser(cdp: CDP, module: str, name: str, n_nodes: int, out: pathlib.Path) -> list[str]:
     """Workflow -> Browse Templates -> the pack's category -> the card: what a user clicks. Problems found."""
     cdp.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()), true")
@@ -260,8 +266,10 @@ def open_from_template_browser(cdp: CDP, module: str, name: str, n_nodes: int, o
     card = f"document.querySelector('[data-testid=\"template-workflow-{name}\"]')"
     try:
         cdp.wait_for(JS_CLICK_TEXT % json.dumps(module), timeout=20)
-        cdp.wait_for(f"!!{card}", timeout=20)
+        # the grid renders cards as they scroll into view: scroll down as a user does until the card is there
+        cdp.wait_for(JS_SCROLL_TO_CARD % card, timeout=40, every=0.5)
     except TimeoutError:
+        cdp.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()), true")
         return [f"template browser: no card for {name} under {module!r}"]
     cdp.js(f"{card}.click(), true")
     try:
@@ -270,6 +278,7 @@ def open_from_template_browser(cdp: CDP, module: str, name: str, n_nodes: int, o
     except TimeoutError:
         dialogs = cdp.js("Array.from(document.querySelectorAll('.p-dialog, .p-toast-message')).map(d => "
                          "d.innerText.slice(0, 300))")
+        cdp.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()), true")
         return [f"template browser: {name} did not open ({dialogs})"]
     time.sleep(1.5)
     cdp.screenshot(out / f"{name}_template.png")

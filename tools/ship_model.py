@@ -12,6 +12,7 @@ import argparse
 import os
 import pathlib
 import sys
+import tempfile
 
 import torch
 
@@ -47,24 +48,24 @@ def main() -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from atelier.models.loading import write_safetensors
     from atelier.models.manager import ModelManager
 
     with safe_open(a.src, "pt") as f:
         meta = f.metadata() or {}
         sd = {k: f.get_tensor(k) for k in f.keys()}
     half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    tmp = a.dst[: -len(".safetensors")] + ".tmp.safetensors"
-    os.makedirs(os.path.dirname(os.path.abspath(a.dst)), exist_ok=True)
-    save_file(half, tmp, metadata=meta)
     m = ModelManager(models_root=str(REPO / "user_models"))
-    ref, got = _probe(m.load(os.path.abspath(a.src))), _probe(m.load(os.path.abspath(tmp)))
+    with tempfile.TemporaryDirectory() as tmpdir:  # the fp16 candidate, probed through the family's loader
+        probe = os.path.join(tmpdir, os.path.basename(a.dst))
+        save_file(half, probe, metadata=meta)
+        ref, got = _probe(m.load(os.path.abspath(a.src))), _probe(m.load(probe))
     diff = float((ref - got).abs().max())
     if diff > a.tolerance:
         print(f"fp16 differs by {diff:.4g} > {a.tolerance}: shipping fp32")
-        save_file(sd, tmp, metadata=meta)
     else:
         print(f"fp16 max difference {diff:.4g} <= {a.tolerance}: shipping fp16")
-    os.replace(tmp, a.dst)
+    write_safetensors(a.dst, sd if diff > a.tolerance else half, meta)  # temporary name, then rename
     print(f"{a.dst}: {os.path.getsize(a.dst) / 1e6:.2f} MB")
 
 

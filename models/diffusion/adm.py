@@ -27,7 +27,7 @@ from torch import nn
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
 from .facts import DiffusionFacts, TrainingSchedule
-from .layers import SinusoidalEmbedding, attention, group_norm, norm_silu, silu
+from .layers import SinusoidalEmbedding, attention, cpu_layout, group_norm, norm_silu, silu
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
     check_weights({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict, "ADM config (inferred)")
     model.load_state_dict({k: v.float().contiguous() for k, v in state_dict.items()}, strict=True, assign=True)
     model.reset_buffers()
-    model.eval().requires_grad_(False).use_channels_last()
+    cpu_layout(model.eval().requires_grad_(False))
     schedule = TrainingSchedule(beta_schedule=KNOWN.get((cfg["model_channels"], tuple(cfg["channel_mult"]),
                                                          cfg["num_res_blocks"], cfg["in_channels"]), {})
                                 .get("schedule", "linear"))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, ModelLoadError
-from .layers import SinusoidalEmbedding, attention, group_norm, norm_silu, silu
+from .layers import SinusoidalEmbedding, attention, cpu_layout, group_norm, norm_silu, silu
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +427,8 @@ def build(config: dict[str, Any], sd: dict[str, torch.Tensor]) -> UNet2DModel:
     check_weights(expected, sd, "UNet2DModel config")
     model.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, strict=True, assign=True)
     model.reset_buffers()
-    return model.eval().requires_grad_(False).use_channels_last()
+    return cpu_layout(model.eval().requires_grad_(False))
+
 
 
 def check_weights(expected: dict[str, tuple], sd: dict[str, torch.Tensor], what: str) -> None:

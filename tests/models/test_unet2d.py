@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from atelier.models import cpu_conv
+from atelier.models.cpu_conv import NNPACKConv2d, nnpack_usable
 from atelier.models.diffusion import unet2d_io
 from atelier.models.diffusion.facts import TrainingSchedule
 from atelier.models.errors import InputError, ModelLoadError
@@ -296,3 +298,35 @@ def test_gradients_equal_diffusers(one_thread):
                 for k, p in ours.named_parameters()
                 if p.requires_grad and theirs[k].requires_grad and not k.endswith("to_k.bias"))
     assert worst < 1e-4
+
+
+@pytest.mark.skipif(not nnpack_usable(), reason="this PyTorch build has no working NNPACK")
+def test_one_cpu_thread_takes_nnpack_and_equals_diffusers(one_thread, monkeypatch):
+    """On a one-thread CPU the loader gives the UNet NNPACK layers (cpu_conv.use_nnpack_alone); at 32x32 the top
+    level's convolutions run through NNPACK (counted) and the output still equals diffusers' to float rounding."""
+    calls = []
+    nnpack = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(a[0].shape) or nnpack(*a))
+    ref = reference("defaults_inferable")
+    desc = unet2d_io.load(ref.state_dict(), {"config": dict(ref.config)})
+    assert any(type(m) is NNPACKConv2d for m in desc.model.modules())
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([10.0, 900.0])
+    with torch.inference_mode():
+        want = ref(x, t).sample
+        got = desc.model(x, t)
+    assert calls and all(s[-1] >= cpu_conv.MIN_SIDE and s[0] * s[-2] * s[-1] >= cpu_conv.MIN_CALL_PIXELS
+                         for s in calls)
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_several_threads_keep_onednn():
+    """With more than one thread NNPACK's pool would fight PyTorch's between layers: no NNPACK layers."""
+    ref = reference("defaults_inferable")
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        desc = unet2d_io.load(ref.state_dict(), {"config": dict(ref.config)})
+    finally:
+        torch.set_num_threads(n)
+    assert not any(type(m) is NNPACKConv2d for m in desc.model.modules())

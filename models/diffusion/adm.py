@@ -26,6 +26,7 @@ from torch import nn
 
 from ..descriptor import ModelDescriptor, SizeRequirements
 from ..errors import InputError, ModelLoadError
+from ..loading import owned_float32
 from .facts import DiffusionFacts, TrainingSchedule
 from .layers import SinusoidalEmbedding, attention, cpu_layout, group_norm, norm_silu, silu
 
@@ -326,7 +327,7 @@ def load(state_dict: dict, meta: dict) -> ModelDescriptor:
     from .unet2d import check_weights
 
     check_weights({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict, "ADM config (inferred)")
-    model.load_state_dict({k: v.float().contiguous() for k, v in state_dict.items()}, strict=True, assign=True)
+    model.load_state_dict(owned_float32(state_dict, channels_last=True), strict=True, assign=True)
     model.reset_buffers()
     cpu_layout(model.eval().requires_grad_(False))
     schedule = TrainingSchedule(beta_schedule=KNOWN.get((cfg["model_channels"], tuple(cfg["channel_mult"]),

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, ModelLoadError
+from ..loading import owned_float32
 from .layers import SinusoidalEmbedding, attention, cpu_layout, group_norm, norm_silu, silu
 
 log = logging.getLogger(__name__)
@@ -425,7 +426,7 @@ def build(config: dict[str, Any], sd: dict[str, torch.Tensor]) -> UNet2DModel:
         model = UNet2DModel(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_weights(expected, sd, "UNet2DModel config")
-    model.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, strict=True, assign=True)
+    model.load_state_dict(owned_float32(sd, channels_last=True), strict=True, assign=True)
     model.reset_buffers()
     return cpu_layout(model.eval().requires_grad_(False))
 

@@ -6,7 +6,10 @@ Config: google/ddpm-cifar10-32's UNet2DModel (block_out_channels 128,256,256,256
 16x16, 35.7 M parameters) with random weights; input [B,3,32,32], float32, CPU, torch.inference_mode. Each variant
 gets two warm-up calls, then --repeats timed calls alternating ours/diffusers; medians are reported with their
 ratio (ours / diffusers, below 1 = faster) and the largest output difference. On a shared machine use
-`--threads 1 --clock cpu` (the process's CPU time, which other processes do not inflate). Last line: one JSON object.
+`--threads 1 --clock cpu` (the process's CPU time, which other processes do not inflate). Ours is loaded after the
+thread count is set, as the pack loads it: on one thread its 3x3 convolutions of at least 16 px a side and 1024 px
+per call run through NNPACK (models/cpu_conv.use_nnpack_alone), on more threads through oneDNN. Last line: one JSON
+object.
 """
 from __future__ import annotations
 

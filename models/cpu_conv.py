@@ -122,9 +122,10 @@ def use_nnpack_alone(model: torch.nn.Module, device: torch.device) -> bool:
     computes on the CPU with one PyTorch thread; says whether it converted.
 
     With more threads the two pools fight: after each group norm or activation the OpenMP workers spin on the cores
-    NNPACK's workers need, and the other way round. The CIFAR-10 DDPM UNet on 2 threads took 1.02-1.17x its
-    oneDNN time with NNPACK layers; on one thread, where both pools are the calling thread, 0.85x at batch 1 and
-    0.78-0.85x at batch 16 (bench/unet_forward.py). The upscaler's Compact path avoids the fight another way
+    NNPACK's workers need, and the other way round. The CIFAR-10 DDPM UNet on 2 threads with NNPACK layers took
+    0.97-0.99x its oneDNN time (1.02-1.17x with its activations kept NCHW), although its 32x32 convolutions alone
+    run 1.4x faster in NNPACK at batch 16; on one thread, where both pools are the calling thread, 0.93x at batch 1
+    and 0.79-0.83x at batch 16 (bench/unet_forward.py). The upscaler's Compact path avoids the fight another way
     (models/compact_cpu.py)."""
     if device.type != "cpu" or torch.get_num_threads() != 1:
         return False

@@ -227,9 +227,6 @@ def key_prefixes(sd: dict, depth: int = 2, limit: int = 12) -> list[str]:
     return seen
 
 
-# ---------------------------------------------------------------------------------------------------- writing
-
-
 def owned_float32(sd: dict[str, torch.Tensor], channels_last: bool = False) -> dict[str, torch.Tensor]:
     """float32 copies of `sd`'s tensors that share no memory with the file they were read from; 4-D ones
     channels-last when asked. A safetensors file is read by mapping it, and the whole mapping (with every page read
@@ -238,6 +235,9 @@ def owned_float32(sd: dict[str, torch.Tensor], channels_last: bool = False) -> d
     guided-diffusion's own code, bench/diffusion.py)."""
     return {k: v.to(torch.float32, copy=True, memory_format=torch.channels_last if channels_last and v.ndim == 4
                     else torch.contiguous_format) for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- writing
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:

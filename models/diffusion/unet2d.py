@@ -431,7 +431,6 @@ def build(config: dict[str, Any], sd: dict[str, torch.Tensor]) -> UNet2DModel:
     return cpu_layout(model.eval().requires_grad_(False))
 
 
-
 def check_weights(expected: dict[str, tuple], sd: dict[str, torch.Tensor], what: str) -> None:
     """Same keys and shapes, or a ModelLoadError saying which differ (the first few of each kind)."""
     missing = [k for k in expected if k not in sd]

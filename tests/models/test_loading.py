@@ -166,3 +166,22 @@ def test_text_file_through_cli_inspect_is_one_line(tmp_path):
                        timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1 and "'model.tar' is a text file" in r.stderr, r.stderr
+
+
+def test_owned_float32_lets_go_of_the_file(tmp_path):
+    """Copies that share no memory with the tensors read from the (mapped) file, equal in value, float32, and 4-D
+    ones channels-last when asked; the originals' storages are never reused."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"conv.weight": torch.randn(4, 3, 3, 3, generator=g), "conv.bias": torch.randn(4, generator=g),
+               "half": torch.randn(5, generator=g).half()}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    sd, _ = loading.read_state_dict(path)
+    owned = loading.owned_float32(sd, channels_last=True)
+    file_ptrs = {v.untyped_storage().data_ptr() for v in sd.values()}
+    assert all(v.untyped_storage().data_ptr() not in file_ptrs for v in owned.values())
+    assert all(v.dtype == torch.float32 for v in owned.values())
+    assert owned["conv.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert owned["conv.bias"].is_contiguous()
+    for k, v in tensors.items():
+        assert torch.equal(owned[k], v.float())

@@ -4,7 +4,15 @@ half hidden, completed by RePaint (unconditional: the model's null class) and by
 mask (the baseline, measured in the same run); the share of completed digits the classifier reads as their true
 label, and the PSNR inside the hole.
 
-    python bench/repaint_digits.py [--ddpm FILE] [--n 100] [--steps 100] [--jump-n-sample 2]
+    python bench/repaint_digits.py [--ddpm FILE] [--n 100] [--steps 100] [--jump-n-sample 2] [--bound]
+
+`--bound` runs no RePaint: it estimates how far the top half alone can take any completion, on the same held-out
+digits, two ways. A k-nearest-neighbour vote over the top halves of the digits the DDPM was trained on (the first
+8,000 test digits): the share whose vote is the true label (k = 1, 5, 10), and the chance that a neighbour drawn at
+random has it (k = 10), which is what a sampler that draws completions in proportion gets. And the DDPM itself as a
+classifier of the top half (Li et al. 2023, "Your diffusion model is secretly a zero-shot classifier"): per class,
+its noise-prediction error on the known pixels summed over 16 noise levels, the same noise for every class; the
+share whose lowest-error class is the true label (and within the two lowest).
 
 The last line is one JSON object.
 """
@@ -37,6 +45,36 @@ def telea(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # [N,1,S,S
     return torch.stack(out)[:, None]
 
 
+def knn_bound(train: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """k-NN on the top halves ([N,1,32,32] in 0..1): the vote's accuracy and the true label's share among 10."""
+    d = torch.cdist(x[..., :16, :].flatten(1), train[..., :16, :].flatten(1))  # [n,N]
+    near = train_y[d.topk(10, largest=False).indices]  # [n,10] nearest first
+    out = {f"vote_k{k}": round(float((near[:, :k].mode(1).values == y).float().mean()), 3) for k in (1, 5, 10)}
+    out["draw_k10"] = round(float((near == y[:, None]).float().mean()), 3)
+    return out
+
+
+def ddpm_class_bound(desc, x: torch.Tensor, keep: torch.Tensor, y: torch.Tensor, levels: int = 16) -> dict:
+    """The class-conditional DDPM as a classifier of the known pixels (x in -1..1, the hidden part black)."""
+    from atelier.models.diffusion.denoiser import Denoiser
+
+    den = Denoiser(desc.model, desc.extra, clip=False)
+    classes = desc.extra.num_classes - (getattr(desc.extra, "null_class", None) is not None)
+    x0 = torch.where(keep > 0, x, torch.full_like(x, -1.0))
+    g = torch.Generator().manual_seed(1)
+    err = torch.zeros(len(x), classes)
+    with torch.inference_mode():
+        for i in torch.linspace(0.05, 0.95, levels) * (len(den.sigmas) - 1):
+            s = float(den.sigmas[int(i)])
+            eps = torch.randn(x.shape, generator=g)
+            for c in range(classes):
+                out = den.raw(x0 + s * eps, torch.full((len(x),), s), torch.full((len(x),), c))[:, : x.shape[1]]
+                err[:, c] += ((out - eps) * keep).square().flatten(1).sum(1)
+    order = err.argsort(1)
+    return {"levels": levels, "accuracy": round(float((order[:, 0] == y).float().mean()), 3),
+            "top2": round(float((order[:, :2] == y[:, None]).any(1).float().mean()), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ddpm", default=str(REPO / "pretrained" / "diffusion_models" / "atelier_mnist_ddpm.safetensors"))
@@ -44,6 +82,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--jump-length", type=int, default=10)
     ap.add_argument("--jump-n-sample", type=int, default=2)
+    ap.add_argument("--bound", action="store_true", help="estimate the top half's information instead (no RePaint)")
     ap.add_argument("--shared", default=os.environ.get("ATELIER_SHARED", str(REPO.parent / "shared")))
     a = ap.parse_args()
     sys.path.insert(0, str(pkg_root()))
@@ -62,6 +101,13 @@ def main() -> None:
     keep = torch.ones_like(x)
     keep[..., 16:, :] = 0  # the lower half is hidden
     m = get_manager()
+    if a.bound:
+        desc = m.load(a.ddpm, family="diffusion")
+        train = F.interpolate(images[: len(images) - HELD_OUT], size=(32, 32), mode="bilinear", align_corners=False)
+        result = {"n": a.n, "knn": knn_bound(train.clamp(0, 1), labels[: len(images) - HELD_OUT], x, y),
+                  "ddpm_classifier": ddpm_class_bound(desc, x * 2 - 1, keep, y)}
+        print(json.dumps(result))
+        return
     lenet = m.load(str(shared / "weights/mnist/lenet_classifier.pth"), family="features")
     desc = m.load(a.ddpm, family="diffusion")
     sched = RePaintSchedule(steps=a.steps, jump_length=a.jump_length, jump_n_sample=a.jump_n_sample)

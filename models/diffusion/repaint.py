@@ -16,6 +16,10 @@ Model calls: steps + (jump points) * (jump_n_sample - 1) * jump_length; the refe
 inpainting under a Gaussian image prior (bench/repaint_quality.py; score 1.0 = exact posterior samples), two runs:
 reference 1.02 / 0.97, CHEAP 1.03 / 1.08, no resampling (250 calls) 1.13-1.30; resampling only the noisy half
 (100 steps, 460 calls) 1.07-1.19, so spreading fewer repeats over the whole run beat concentrating them.
+
+`class_evidence` is the class-conditional model as a classifier of the kept pixels (Li et al. 2023, "Your diffusion
+model is secretly a zero-shot classifier"): RePaint can then complete toward the class the kept part most likely
+shows, rather than drawing one (what the unconditional score does, in proportion to its odds).
 """
 from __future__ import annotations
 
@@ -115,6 +119,31 @@ def _step(model: Denoiser, x: torch.Tensor, t: int, k: int, ac: list[float], ima
         unknown = unknown + n * std
     known = image * math.sqrt(ap) + n * math.sqrt(1 - ap)
     return keep * known + (1 - keep) * unknown
+
+
+def class_evidence(model: Denoiser, image: torch.Tensor, keep: torch.Tensor, classes: int, *, levels: int = 64,
+                   generator: torch.Generator | None = None) -> torch.Tensor:  # [B,classes], lower = more likely
+    """Per class, the network's noise-prediction error on the kept pixels (keep 1), summed over `levels` noise levels
+    drawn uniformly over the training schedule, with the same noise for every class (the comparison is paired). The
+    hidden part is set to the kept pixels' median colour. levels * classes network calls on [B,C,H,W]. On the pack's
+    MNIST DDPM, lower halves hidden, 200 held-out digits: the lowest error is the true digit for 92 % with 64 levels,
+    86.5 % with 16 evenly spaced ones (bench/repaint_digits.py --bound)."""
+    B, C = image.shape[:2]
+    keep = keep.expand(B, 1, -1, -1)
+    known = keep.flatten(2) > 0  # [B,1,HW]
+    fill = torch.stack([image[b].flatten(1)[:, known[b, 0]].median(dim=1).values for b in range(B)])  # [B,C]
+    x0 = torch.where(keep > 0, image, fill[:, :, None, None])
+    sigmas = model.sigmas
+    err = torch.zeros(B, classes, device=image.device)
+    for u in torch.rand(levels, generator=generator).tolist():
+        s = float(sigmas[int(u * (len(sigmas) - 1))])
+        eps = torch.randn(image.shape, generator=generator).to(image.device, image.dtype)
+        x = x0 + s * eps
+        sig = torch.full((B,), s)
+        for c in range(classes):
+            out = model.raw(x, sig, torch.full((B,), c, dtype=torch.long, device=image.device))[:, :C]
+            err[:, c] += ((out - eps) * keep).square().flatten(1).sum(1)
+    return err
 
 
 def check_mask(keep: torch.Tensor, image: torch.Tensor, name: str = "mask") -> str | None:

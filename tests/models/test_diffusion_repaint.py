@@ -70,3 +70,73 @@ def test_mask_checks():
     assert rp.check_mask(torch.ones_like(keep), image) == "all known"
     assert rp.check_mask(torch.zeros_like(keep), image) == "all unknown"
     assert rp.check_mask(keep, image) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# class_label "auto": the class the kept part most likely shows
+
+
+class PointMasses(torch.nn.Module):
+    """The exact epsilon network for data that is the constant image means[c] for class c: from
+    x_in = c_in (x0 + sigma eps), eps = (x_in - c_in means[c]) / (c_in sigma)."""
+
+    def __init__(self, means: list[float], schedule) -> None:
+        super().__init__()
+        from atelier.models.diffusion.schedules import training_sigmas
+
+        self.register_buffer("means", torch.tensor(means))
+        self.log_sigmas = training_sigmas(schedule).log()  # [T] float64, what Denoiser interpolates
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # for placement (device, dtype)
+
+    def forward(self, x_in: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        t = t.double().cpu()
+        lo = t.floor().long().clamp(0, len(self.log_sigmas) - 2)
+        frac = t - lo
+        s = ((1 - frac) * self.log_sigmas[lo] + frac * self.log_sigmas[lo + 1]).exp().float().view(-1, 1, 1, 1)
+        c_in = 1 / (s * s + 1).sqrt()
+        return (x_in - c_in * self.means[labels].view(-1, 1, 1, 1)) / (c_in * s)
+
+
+def _point_masses():
+    from atelier.models.descriptor import ModelDescriptor, SizeRequirements
+    from atelier.models.diffusion.facts import DiffusionFacts, TrainingSchedule
+
+    schedule = TrainingSchedule()
+    facts = DiffusionFacts(kind="UNet2DModel", in_channels=1, sample_size=8, size_multiple=1, num_classes=4,
+                           learned_variance=False, latent=False, schedule=schedule)
+    net = PointMasses([-0.6, -0.2, 0.2, 0.6], schedule)
+    desc = ModelDescriptor(family="diffusion", architecture="UNet2DModel", model=net, purpose="Denoiser",
+                           in_channels=1, out_channels=1, size_requirements=SizeRequirements(multiple_of=1),
+                           tiling="none", bytes_per_pixel=64.0, config={}, extra=facts)
+    return net, facts, desc
+
+
+def test_class_evidence_finds_the_class_of_the_kept_part():
+    net, facts, _ = _point_masses()
+    image = net.means.view(4, 1, 1, 1).expand(4, 1, 8, 8).clone()  # image i is class i
+    image[..., 4:, :] = torch.rand(4, 1, 4, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1  # hidden: noise
+    keep = torch.ones(1, 1, 8, 8)
+    keep[..., 4:, :] = 0
+    err = rp.class_evidence(Denoiser(net, facts, clip=False), image, keep, 4, levels=8,
+                            generator=torch.Generator().manual_seed(1))
+    assert err.shape == (4, 4) and err.argmin(1).tolist() == [0, 1, 2, 3]
+
+
+def test_auto_class_repaint_completes_toward_it(manager):
+    """run.inpaint with class_label AUTO_CLASS fills each hole with its kept part's class (the point mass), and an
+    unconditional model is told that auto needs classes."""
+    from atelier.models.diffusion import run
+
+    net, _, desc = _point_masses()
+    image = net.means[[3, 0]].view(2, 1, 1, 1).expand(2, 1, 8, 8).clone()
+    keep = torch.ones(1, 1, 8, 8)
+    keep[..., 2:6, 2:6] = 0
+    out = run.inpaint(manager, desc, image, keep, rp.RePaintSchedule(steps=10, jump_length=2, jump_n_sample=2),
+                      seed=0, class_label=run.AUTO_CLASS)
+    assert (out - image).abs().max().item() < 1e-3  # the hole holds the class's value too
+    unet = tiny_unet(num_class_embeds=None)
+    from helpers_diffusion import descriptor_for
+
+    with pytest.raises(InputError, match="auto.*class-conditional"):
+        run.inpaint(manager, descriptor_for(unet), torch.zeros(1, unet.config.in_channels, 16, 16), keep.expand(
+            1, 1, 8, 8).repeat(1, 1, 2, 2), rp.CHEAP, seed=0, class_label=run.AUTO_CLASS)

@@ -14,9 +14,10 @@ class_label -2; 64 noise levels x 10 classes of extra calls), instead of the nul
 digits, two ways. A k-nearest-neighbour vote over the top halves of the digits the DDPM was trained on (the first
 8,000 test digits): the share whose vote is the true label (k = 1, 5, 10), and the chance that a neighbour drawn at
 random has it (k = 10), which is what a sampler that draws completions in proportion gets. And the DDPM itself as a
-classifier of the top half (Li et al. 2023, "Your diffusion model is secretly a zero-shot classifier"): per class,
-its noise-prediction error on the known pixels summed over 16 noise levels, the same noise for every class; the
-share whose lowest-error class is the true label (and within the two lowest).
+classifier of the top half (Li et al. 2023, "Your diffusion model is secretly a zero-shot classifier"), exactly as
+RePaint's auto class judges it (models/diffusion/repaint.class_evidence): per class, its noise-prediction error on
+the known pixels summed over --levels random noise levels (default 64), the same noise for every class; the share
+whose lowest-error class is the true label (and within the two lowest).
 
 The last line is one JSON object.
 """
@@ -58,22 +59,15 @@ def knn_bound(train: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, y: to
     return out
 
 
-def ddpm_class_bound(desc, x: torch.Tensor, keep: torch.Tensor, y: torch.Tensor, levels: int = 16) -> dict:
-    """The class-conditional DDPM as a classifier of the known pixels (x in -1..1, the hidden part black)."""
+def ddpm_class_bound(desc, x: torch.Tensor, keep: torch.Tensor, y: torch.Tensor, levels: int) -> dict:
+    """The class-conditional DDPM as a classifier of the known pixels (x in -1..1): RePaint's own auto-class judge."""
     from atelier.models.diffusion.denoiser import Denoiser
+    from atelier.models.diffusion.repaint import class_evidence
 
-    den = Denoiser(desc.model, desc.extra, clip=False)
     classes = desc.extra.num_classes - (getattr(desc.extra, "null_class", None) is not None)
-    x0 = torch.where(keep > 0, x, torch.full_like(x, -1.0))
-    g = torch.Generator().manual_seed(1)
-    err = torch.zeros(len(x), classes)
     with torch.inference_mode():
-        for i in torch.linspace(0.05, 0.95, levels) * (len(den.sigmas) - 1):
-            s = float(den.sigmas[int(i)])
-            eps = torch.randn(x.shape, generator=g)
-            for c in range(classes):
-                out = den.raw(x0 + s * eps, torch.full((len(x),), s), torch.full((len(x),), c))[:, : x.shape[1]]
-                err[:, c] += ((out - eps) * keep).square().flatten(1).sum(1)
+        err = class_evidence(Denoiser(desc.model, desc.extra, clip=False), x, keep, classes, levels=levels,
+                             generator=torch.Generator().manual_seed(1))
     order = err.argsort(1)
     return {"levels": levels, "accuracy": round(float((order[:, 0] == y).float().mean()), 3),
             "top2": round(float((order[:, :2] == y[:, None]).any(1).float().mean()), 3)}
@@ -88,6 +82,7 @@ def main() -> None:
     ap.add_argument("--jump-n-sample", type=int, default=2)
     ap.add_argument("--auto-class", action="store_true",
                     help="complete toward the class the top half most likely shows (class_label -2), not the null class")
+    ap.add_argument("--levels", type=int, default=64, help="--bound: noise levels of the DDPM's class judgement")
     ap.add_argument("--bound", action="store_true", help="estimate the top half's information instead (no RePaint)")
     ap.add_argument("--shared", default=os.environ.get("ATELIER_SHARED", str(REPO.parent / "shared")))
     a = ap.parse_args()
@@ -111,7 +106,7 @@ def main() -> None:
         desc = m.load(a.ddpm, family="diffusion")
         train = F.interpolate(images[: len(images) - HELD_OUT], size=(32, 32), mode="bilinear", align_corners=False)
         result = {"n": a.n, "knn": knn_bound(train.clamp(0, 1), labels[: len(images) - HELD_OUT], x, y),
-                  "ddpm_classifier": ddpm_class_bound(desc, x * 2 - 1, keep, y)}
+                  "ddpm_classifier": ddpm_class_bound(desc, x * 2 - 1, keep, y, a.levels)}
         print(json.dumps(result))
         return
     lenet = m.load(str(shared / "weights/mnist/lenet_classifier.pth"), family="features")

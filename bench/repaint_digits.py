@@ -81,7 +81,8 @@ def main() -> None:
     ap.add_argument("--jump-length", type=int, default=10)
     ap.add_argument("--jump-n-sample", type=int, default=2)
     ap.add_argument("--auto-class", action="store_true",
-                    help="complete toward the class the top half most likely shows (class_label -2), not the null class")
+                    help="complete toward the class the top half most likely shows (class_label -2), not the null "
+                    "class")
     ap.add_argument("--levels", type=int, default=64, help="--bound: noise levels of the DDPM's class judgement")
     ap.add_argument("--bound", action="store_true", help="estimate the top half's information instead (no RePaint)")
     ap.add_argument("--shared", default=os.environ.get("ATELIER_SHARED", str(REPO.parent / "shared")))
@@ -139,7 +140,8 @@ def main() -> None:
         from PIL import Image
 
         strip = torch.cat([torch.cat(list(t[:10, 0]), dim=1) for t in (x * keep, filled, base, x)], dim=0)
-        Image.fromarray((strip.numpy() * 255).round().astype(np.uint8)).save(REPO / "docs" / ("repaint_digits_auto.png" if a.auto_class else "repaint_digits.png"))
+        name = "repaint_digits_auto.png" if a.auto_class else "repaint_digits.png"
+        Image.fromarray((strip.numpy() * 255).round().astype(np.uint8)).save(REPO / "docs" / name)
     except OSError:
         pass
     print(json.dumps(result))

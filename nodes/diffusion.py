@@ -259,7 +259,7 @@ class AtelierRePaint:
                             "model: the class to complete toward; -1: none (the model's null class, i.e. its "
                             "unconditional score, when it was trained with one; else a random class per seed); -2: "
                             "auto, the class the kept part most likely shows, judged by the model itself (64 extra "
-                            "calls per class; on half-hidden digits right 92 % of the time, where drawing a "
+                            "calls per class; on half-hidden digits right 92.5 % of the time, where drawing a "
                             "completion, as -1 does, gets the digit right about 75 % of the time)."}),
         }}
 

@@ -4,11 +4,14 @@ half hidden, completed by RePaint (unconditional: the model's null class) and by
 mask (the baseline, measured in the same run); the share of completed digits the classifier reads as their true
 label, and the PSNR inside the hole.
 
-    python bench/repaint_digits.py [--ddpm FILE] [--n 100] [--steps 100] [--jump-n-sample 2] [--auto-class]
-                                   [--bound]
+    python bench/repaint_digits.py [--ddpm FILE] [--n 100] [--start 0] [--steps 100] [--jump-n-sample 2]
+                                   [--auto-class] [--bound]
+
+The digits are a fixed shuffle of the held-out 2,000; `--start S --n N` takes shuffled digits S..S+N-1, so the 2,000
+can run as parts (e.g. four of 500) whose `correct` counts add up to the whole run's.
 
 `--auto-class` completes toward the class the top half most likely shows, judged by the DDPM itself (RePaint's
-class_label -2; 64 noise levels x 10 classes of extra calls), instead of the null class.
+class_label -2; 228 extra calls: 12 noise levels x 10 classes, then 36 x the 3 likeliest), instead of the null class.
 
 `--bound` runs no RePaint: it estimates how far the top half alone can take any completion, on the same held-out
 digits, two ways. A k-nearest-neighbour vote over the top halves of the digits the DDPM was trained on (the first
@@ -16,8 +19,9 @@ digits, two ways. A k-nearest-neighbour vote over the top halves of the digits t
 random has it (k = 10), which is what a sampler that draws completions in proportion gets. And the DDPM itself as a
 classifier of the top half (Li et al. 2023, "Your diffusion model is secretly a zero-shot classifier"), exactly as
 RePaint's auto class judges it (models/diffusion/repaint.class_evidence): per class, its noise-prediction error on
-the known pixels summed over --levels random noise levels (default 64), the same noise for every class; the share
-whose lowest-error class is the true label (and within the two lowest).
+the known pixels summed over --levels random noise levels from the middle half of the schedule (default 48; the
+first 12 score all classes, the rest the 3 likeliest), the same noise for every class; the share whose lowest-error
+class is the true label (and within the two lowest).
 
 The last line is one JSON object.
 """
@@ -62,14 +66,15 @@ def knn_bound(train: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, y: to
 def ddpm_class_bound(desc, x: torch.Tensor, keep: torch.Tensor, y: torch.Tensor, levels: int) -> dict:
     """The class-conditional DDPM as a classifier of the known pixels (x in -1..1): RePaint's own auto-class judge."""
     from atelier.models.diffusion.denoiser import Denoiser
-    from atelier.models.diffusion.repaint import class_evidence
+    from atelier.models.diffusion.repaint import class_evidence, evidence_calls
 
     classes = desc.extra.num_classes - (getattr(desc.extra, "null_class", None) is not None)
     with torch.inference_mode():
         err = class_evidence(Denoiser(desc.model, desc.extra, clip=False), x, keep, classes, levels=levels,
                              generator=torch.Generator().manual_seed(1))
     order = err.argsort(1)
-    return {"levels": levels, "accuracy": round(float((order[:, 0] == y).float().mean()), 3),
+    return {"levels": levels, "calls": evidence_calls(classes, levels),
+            "accuracy": round(float((order[:, 0] == y).float().mean()), 3),
             "top2": round(float((order[:, :2] == y[:, None]).any(1).float().mean()), 3)}
 
 
@@ -77,25 +82,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ddpm", default=str(REPO / "pretrained" / "diffusion_models" / "atelier_mnist_ddpm.safetensors"))
     ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--start", type=int, default=0, help="first digit of the fixed shuffle (to run the 2,000 in parts)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--jump-length", type=int, default=10)
     ap.add_argument("--jump-n-sample", type=int, default=2)
     ap.add_argument("--auto-class", action="store_true",
                     help="complete toward the class the top half most likely shows (class_label -2), not the null "
                     "class")
-    ap.add_argument("--levels", type=int, default=64, help="--bound: noise levels of the DDPM's class judgement")
+    ap.add_argument("--levels", type=int, default=48, help="--bound: noise levels of the DDPM's class judgement")
     ap.add_argument("--bound", action="store_true", help="estimate the top half's information instead (no RePaint)")
     ap.add_argument("--shared", default=os.environ.get("ATELIER_SHARED", str(REPO.parent / "shared")))
     a = ap.parse_args()
     sys.path.insert(0, str(pkg_root()))
     from atelier.models.diffusion import run
-    from atelier.models.diffusion.repaint import RePaintSchedule, model_calls
+    from atelier.models.diffusion.repaint import RePaintSchedule, evidence_calls, model_calls
     from atelier.models.manager import get_manager
 
     shared = pathlib.Path(a.shared)
     images, labels = mnist(shared)
     idx = torch.arange(len(images) - HELD_OUT, len(images))[torch.randperm(HELD_OUT, generator=torch.Generator()
-                                                                           .manual_seed(0))[: a.n]]
+                                                                           .manual_seed(0))[a.start: a.start + a.n]]
     # [n,1,32,32] in 0..1: the 28² digits resized to 32² as the DDPM was trained (the dataset's resize) and as the
     # LeNet-5 expects them (../shared/weights/README.md: resize 28->32 bilinear)
     x = F.interpolate(images[idx], size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1)
@@ -115,7 +121,7 @@ def main() -> None:
     sched = RePaintSchedule(steps=a.steps, jump_length=a.jump_length, jump_n_sample=a.jump_n_sample)
     t0 = time.perf_counter()
     label = run.AUTO_CLASS if a.auto_class else -1
-    filled = ((run.inpaint(m, desc, x * 2 - 1, keep, sched, seed=0, class_label=label) + 1) / 2).clamp(0, 1)
+    filled = ((run.inpaint(m, desc, x * 2 - 1, keep, sched, seed=a.start, class_label=label) + 1) / 2).clamp(0, 1)
     seconds = time.perf_counter() - t0
     base = telea(x, keep)
 
@@ -124,26 +130,28 @@ def main() -> None:
             p = lenet.model.classify(img).exp()
         hole = (img - x)[..., 16:, :].square().flatten(1).mean(1)
         return {"label_accuracy": round(float((p.argmax(1) == y).float().mean()), 3),
+                "correct": int((p.argmax(1) == y).sum()),
                 "true_label_confidence": round(float(p[torch.arange(len(y)), y].mean()), 3),
                 "psnr_hole_db": round(float((10 * torch.log10(1 / hole.clamp_min(1e-10))).mean()), 2)}
 
-    calls = model_calls(sched) + (run.CLASS_LEVELS * 10 if a.auto_class else 0)
-    result = {"n": a.n, "class_label": "auto" if a.auto_class else "none (null class)", "model_calls": calls,
-              "seconds": round(seconds, 1),
+    calls = model_calls(sched) + (evidence_calls(10) if a.auto_class else 0)
+    result = {"n": len(y), "start": a.start, "class_label": "auto" if a.auto_class else "none (null class)",
+              "model_calls": calls, "seconds": round(seconds, 1),
               "repaint": judge(filled), "telea": judge(base), "original": judge(x),
               "top_half_only": judge(x * keep)}
     result["accuracy_ratio_repaint_over_telea"] = round(
         result["repaint"]["label_accuracy"] / max(result["telea"]["label_accuracy"], 1e-9), 3)
     for k, v in result.items():
         print(f"{k:>34}: {json.dumps(v)}", file=sys.stderr)
-    try:
+    if a.start == 0:  # the strip of the first ten digits, from the run (or part) that starts at the first
         from PIL import Image
 
         strip = torch.cat([torch.cat(list(t[:10, 0]), dim=1) for t in (x * keep, filled, base, x)], dim=0)
         name = "repaint_digits_auto.png" if a.auto_class else "repaint_digits.png"
-        Image.fromarray((strip.numpy() * 255).round().astype(np.uint8)).save(REPO / "docs" / name)
-    except OSError:
-        pass
+        try:
+            Image.fromarray((strip.numpy() * 255).round().astype(np.uint8)).save(REPO / "docs" / name)
+        except OSError:
+            pass
     print(json.dumps(result))
 
 

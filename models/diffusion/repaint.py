@@ -121,28 +121,55 @@ def _step(model: Denoiser, x: torch.Tensor, t: int, k: int, ac: list[float], ima
     return keep * known + (1 - keep) * unknown
 
 
-def class_evidence(model: Denoiser, image: torch.Tensor, keep: torch.Tensor, classes: int, *, levels: int = 64,
+def evidence_calls(classes: int, levels: int = 48, screen: int = 12, finalists: int = 3) -> int:
+    """Network calls of `class_evidence` with these settings."""
+    screen, finalists = min(screen, levels), min(finalists, classes)
+    return screen * classes + (levels - screen) * finalists
+
+
+def class_evidence(model: Denoiser, image: torch.Tensor, keep: torch.Tensor, classes: int, *, levels: int = 48,
+                   screen: int = 12, finalists: int = 3, band: tuple[float, float] = (0.25, 0.75),
                    generator: torch.Generator | None = None) -> torch.Tensor:  # [B,classes], lower = more likely
     """Per class, the network's noise-prediction error on the kept pixels (keep 1), summed over `levels` noise levels
-    drawn uniformly over the training schedule, with the same noise for every class (the comparison is paired). The
-    hidden part is set to the kept pixels' median colour. levels * classes network calls on [B,C,H,W]. On the pack's
-    MNIST DDPM, lower halves hidden, 200 held-out digits: the lowest error is the true digit for 92.5 % with 64
-    levels (bench/repaint_digits.py --bound)."""
+    drawn uniformly from the `band` of the training schedule (fractions of its timesteps), with the same noise for
+    every class (the comparison is paired). The hidden part is set to the kept pixels' median colour. The first
+    `screen` levels score every class; the rest score only each image's `finalists` best classes so far (Li et al.
+    2023's adaptive scheme), and the classes left out come back as inf. `evidence_calls` network calls on
+    [B,C,H,W].
+
+    On the pack's MNIST DDPM, lower halves hidden, 300 held-out digits, 192 levels scored in full: levels from the
+    least noisy quarter alone pick the true digit for 33 %, the noisiest quarter 72 %, the middle half 93 % with 48
+    of them; 64 levels over the whole schedule 91.7 %. Screening with 12 and keeping 3 finalists loses nothing (the
+    true digit is among the 3 for 99 %) at 228 calls instead of 480."""
     B, C = image.shape[:2]
     keep = keep.expand(B, 1, -1, -1)
     known = keep.flatten(2) > 0  # [B,1,HW]
     fill = torch.stack([image[b].flatten(1)[:, known[b, 0]].median(dim=1).values for b in range(B)])  # [B,C]
     x0 = torch.where(keep > 0, image, fill[:, :, None, None])
     sigmas = model.sigmas
+    lo, hi = band[0] * (len(sigmas) - 1), band[1] * (len(sigmas) - 1)
     err = torch.zeros(B, classes, device=image.device)
-    for u in torch.rand(levels, generator=generator).tolist():
-        s = float(sigmas[int(u * (len(sigmas) - 1))])
+    top = None  # [B,finalists] after the screen
+    for i, u in enumerate(torch.rand(levels, generator=generator).tolist()):
+        s = float(sigmas[int(lo + u * (hi - lo))])
         eps = torch.randn(image.shape, generator=generator).to(image.device, image.dtype)
         x = x0 + s * eps
         sig = torch.full((B,), s)
-        for c in range(classes):
-            out = model.raw(x, sig, torch.full((B,), c, dtype=torch.long, device=image.device))[:, :C]
-            err[:, c] += ((out - eps) * keep).square().flatten(1).sum(1)
+
+        def score(labels: torch.Tensor) -> torch.Tensor:  # [B] error of each image under its label
+            out = model.raw(x, sig, labels)[:, :C]
+            return ((out - eps) * keep).square().flatten(1).sum(1)
+
+        if i == min(screen, levels) and finalists < classes:
+            top = err.argsort(1)[:, :finalists]
+        if top is None:
+            for c in range(classes):
+                err[:, c] += score(torch.full((B,), c, dtype=torch.long, device=image.device))
+        else:
+            for j in range(top.shape[1]):
+                err.scatter_add_(1, top[:, j:j + 1], score(top[:, j])[:, None])
+    if top is not None:
+        err = torch.full_like(err, float("inf")).scatter(1, top, err.gather(1, top))
     return err
 
 

@@ -140,3 +140,21 @@ def test_auto_class_repaint_completes_toward_it(manager):
     with pytest.raises(InputError, match="auto.*class-conditional"):
         run.inpaint(manager, descriptor_for(unet), torch.zeros(1, unet.config.in_channels, 16, 16), keep.expand(
             1, 1, 8, 8).repeat(1, 1, 2, 2), rp.CHEAP, seed=0, class_label=run.AUTO_CLASS)
+
+
+def test_class_evidence_screens_then_scores_the_finalists():
+    """After `screen` levels only each image's `finalists` best classes are scored: the call count is
+    evidence_calls', the dropped classes come back inf, and the class of the kept part still wins."""
+    net, facts, _ = _point_masses()
+    image = net.means[[2, 0, 3]].view(3, 1, 1, 1).expand(3, 1, 8, 8).clone()
+    keep = torch.ones(1, 1, 8, 8)
+    keep[..., 4:, :] = 0
+    den = Denoiser(net, facts, clip=False)
+    calls = []
+    raw = den.raw
+    den.raw = lambda *a: calls.append(1) or raw(*a)
+    err = rp.class_evidence(den, image, keep, 4, levels=6, screen=2, finalists=2,
+                            generator=torch.Generator().manual_seed(1))
+    assert len(calls) == rp.evidence_calls(4, levels=6, screen=2, finalists=2) == 2 * 4 + 4 * 2
+    assert err.argmin(1).tolist() == [2, 0, 3]
+    assert (torch.isinf(err).sum(1) == 2).all() and torch.isfinite(err.gather(1, err.argsort(1)[:, :2])).all()

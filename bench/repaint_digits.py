@@ -20,8 +20,9 @@ random has it (k = 10), which is what a sampler that draws completions in propor
 classifier of the top half (Li et al. 2023, "Your diffusion model is secretly a zero-shot classifier"), exactly as
 RePaint's auto class judges it (models/diffusion/repaint.class_evidence): per class, its noise-prediction error on
 the known pixels summed over --levels random noise levels from the middle half of the schedule (default 48; the
-first 12 score all classes, the rest the 3 likeliest), the same noise for every class; the share whose lowest-error
-class is the true label (and within the two lowest).
+first 12 score all classes, the rest the 3 likeliest; --band, --screen, --finalists change that), the same noise for
+every class; the share whose lowest-error class is the true label (and within the two lowest). For example
+`--bound --n 300 --band 0,0.25 --finalists 10` asks how well the least noisy quarter of the schedule alone judges.
 
 The last line is one JSON object.
 """
@@ -63,7 +64,8 @@ def knn_bound(train: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, y: to
     return out
 
 
-def ddpm_class_bound(desc, x: torch.Tensor, keep: torch.Tensor, y: torch.Tensor, levels: int) -> dict:
+def ddpm_class_bound(desc, x: torch.Tensor, keep: torch.Tensor, y: torch.Tensor, levels: int, screen: int,
+                     finalists: int, band: tuple[float, float]) -> dict:
     """The class-conditional DDPM as a classifier of the known pixels (x in -1..1): RePaint's own auto-class judge."""
     from atelier.models.diffusion.denoiser import Denoiser
     from atelier.models.diffusion.repaint import class_evidence, evidence_calls
@@ -71,9 +73,10 @@ def ddpm_class_bound(desc, x: torch.Tensor, keep: torch.Tensor, y: torch.Tensor,
     classes = desc.extra.num_classes - (getattr(desc.extra, "null_class", None) is not None)
     with torch.inference_mode():
         err = class_evidence(Denoiser(desc.model, desc.extra, clip=False), x, keep, classes, levels=levels,
-                             generator=torch.Generator().manual_seed(1))
+                             screen=screen, finalists=finalists, band=band, generator=torch.Generator().manual_seed(1))
     order = err.argsort(1)
-    return {"levels": levels, "calls": evidence_calls(classes, levels),
+    return {"levels": levels, "screen": screen, "finalists": finalists, "band": band,
+            "calls": evidence_calls(classes, levels, screen, finalists),
             "accuracy": round(float((order[:, 0] == y).float().mean()), 3),
             "top2": round(float((order[:, :2] == y[:, None]).any(1).float().mean()), 3)}
 
@@ -90,6 +93,9 @@ def main() -> None:
                     help="complete toward the class the top half most likely shows (class_label -2), not the null "
                     "class")
     ap.add_argument("--levels", type=int, default=48, help="--bound: noise levels of the DDPM's class judgement")
+    ap.add_argument("--screen", type=int, default=12, help="--bound: levels that score every class")
+    ap.add_argument("--finalists", type=int, default=3, help="--bound: classes scored after the screen (10: all)")
+    ap.add_argument("--band", default="0.25,0.75", help="--bound: part of the schedule the levels come from, LO,HI")
     ap.add_argument("--bound", action="store_true", help="estimate the top half's information instead (no RePaint)")
     ap.add_argument("--shared", default=os.environ.get("ATELIER_SHARED", str(REPO.parent / "shared")))
     a = ap.parse_args()
@@ -113,7 +119,8 @@ def main() -> None:
         desc = m.load(a.ddpm, family="diffusion")
         train = F.interpolate(images[: len(images) - HELD_OUT], size=(32, 32), mode="bilinear", align_corners=False)
         result = {"n": a.n, "knn": knn_bound(train.clamp(0, 1), labels[: len(images) - HELD_OUT], x, y),
-                  "ddpm_classifier": ddpm_class_bound(desc, x * 2 - 1, keep, y, a.levels)}
+                  "ddpm_classifier": ddpm_class_bound(desc, x * 2 - 1, keep, y, a.levels, a.screen, a.finalists,
+                                                      tuple(float(v) for v in a.band.split(",")))}
         print(json.dumps(result))
         return
     lenet = m.load(str(shared / "weights/mnist/lenet_classifier.pth"), family="features")

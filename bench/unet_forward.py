@@ -8,8 +8,9 @@ gets two warm-up calls, then --repeats timed calls alternating ours/diffusers; m
 ratio (ours / diffusers, below 1 = faster) and the largest output difference. On a shared machine use
 `--threads 1 --clock cpu` (the process's CPU time, which other processes do not inflate). Ours is loaded after the
 thread count is set, as the pack loads it: on one thread its 3x3 convolutions of at least 16 px a side and 1024 px
-per call run through NNPACK (models/cpu_conv.use_nnpack_alone), on more threads through oneDNN. Last line: one JSON
-object.
+per call run through NNPACK (models/cpu_conv.use_nnpack_alone), on more threads those of at least 64 channels on maps
+of at least 16 px a side through our Winograd F(4x4, 3x3) (models/cpu_conv.use_winograd), the rest through oneDNN.
+Last line: one JSON object.
 """
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ How a model gets it, explicitly and once:
   (the spandrel adapter for upscale models, the VAE codec for TAESD); nothing is patched per call;
 - `use_nnpack_alone(model, device)` does the same for models whose convolutions alternate with PyTorch's own
   multi-threaded operators (the diffusion UNets: group norms, activations, attention), only where both pools are the
-  calling thread (see there).
+  calling thread (see there);
+- `use_winograd(model)` is the multi-threaded alternative for those models: `WinogradConv2d` layers compute
+  Winograd F(4x4, 3x3) with PyTorch's own GEMMs, inside PyTorch's thread pool (see there).
 
 NNPACK is a private PyTorch operator (`torch._nnpack_spatial_convolution`): it is used only after a self-check
 against `F.conv2d` succeeds (once per process, `nnpack_usable`), and a failing call falls back to `F.conv2d`.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -130,3 +133,188 @@ def use_nnpack_alone(model: torch.nn.Module, device: torch.device) -> bool:
     if device.type != "cpu" or torch.get_num_threads() != 1:
         return False
     return use_nnpack(model) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Winograd F(4x4, 3x3) (Lavin & Gray 2016) through PyTorch's own GEMMs, for models whose 3x3 convolutions alternate
+# with PyTorch's multi-threaded operators. Each 6x6 input tile d and the 3x3 kernel g give a 4x4 output tile
+# A^T [(G g G^T) * (B^T d B)] A: 36 products per tile and channel pair instead of 144, done as 36 matrix products
+# [tiles, Cin] @ [Cin, Cout] (torch.bmm: PyTorch's BLAS in PyTorch's own pool, no second pool to fight). Points
+# 0, +-1, +-2 and infinity; error about 1e-5 of the output's scale in float32 (the transformed kernels are computed
+# in float64). Measured on 2 threads against oneDNN channels-last (ms): [16,256,16,16] 13.0 against 20.6,
+# [16,128,32,32] 18.4 against 21.4, [1,128,32,32] 0.96 against 1.39, [1,256,16,16] 1.05 against 1.39.
+_BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                    [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
+_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                   [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+_AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                   dtype=torch.float64)
+_KG = torch.kron(_G, _G)  # [36, 9]: vec(G g G^T) = _KG vec(g)
+# Which calls (measured on 2 threads, bench/unet_forward.py): Winograd on maps of at least WINOGRAD_MIN_SIDE a side,
+# WINOGRAD_MIN_TILES 4x4 output tiles per call and WINOGRAD_MIN_CHANNELS on both sides. Smaller maps are a UNet's
+# deep levels: one to four tiles per image and wide kernels, little to gain. The transformed kernels are 4x the
+# weight. A layer keeps them while its calls are small (under WINOGRAD_KEEP_TILES tiles, where transforming them per
+# call would cost up to as much as the products), as long as the model's kept kernels stay within the size of its
+# converted weights (so at most 2x their memory, first come first served); small calls beyond that budget take
+# PyTorch's convolution; large calls transform the kernels per call, into scratch. Calls are cut into groups of
+# images so that each work buffer stays under WINOGRAD_SCRATCH floats.
+WINOGRAD_MIN_SIDE = 16
+WINOGRAD_MIN_TILES = 16
+WINOGRAD_KEEP_TILES = 256
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_SCRATCH = 4 << 20  # floats per work buffer (16 MB)
+
+
+def winograd_kernels(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[Cout,Cin,3,3] -> the transformed kernels G g G^T as [36, Cin, Cout] float32: computed in float64 and
+    contiguous when kept; with `out` (a buffer of at least 36*Cin*Cout floats), per call: in float32, into `out`,
+    returned as a transposed view (which the products read as it is)."""
+    K, C = weight.shape[:2]
+    w = weight.detach().reshape(K * C, 9).T  # [9, K*C]
+    if out is None:
+        u = _KG.to(weight.device) @ w.to(torch.float64)  # [36, K*C]
+        return u.reshape(36, K, C).transpose(1, 2).to(torch.float32).contiguous()
+    u = out[:36 * K * C].view(36, K * C)
+    torch.mm(_KG.to(device=weight.device, dtype=torch.float32), w, out=u)
+    return u.view(36, K, C).transpose(1, 2)
+
+
+class _Scratch:
+    """What a model's Winograd layers share: float32 work buffers, grown to the largest call and reused (fresh buffers
+    per layer would each come as new zeroed pages from the OS, glibc mapping blocks above its threshold, which cost
+    more than the products themselves at batch 16), one set per calling thread so that concurrent calls never share
+    one; `release()` drops the calling thread's. And the budget in bytes for kept kernels."""
+
+    def __init__(self, budget: int = 0) -> None:
+        self._local = threading.local()
+        self.budget = budget
+
+    @property
+    def bufs(self) -> dict[str, torch.Tensor]:
+        if not hasattr(self._local, "bufs"):
+            self._local.bufs = {}
+        return self._local.bufs
+
+    def take(self, name: str, n: int) -> torch.Tensor:
+        bufs = self.bufs
+        buf = bufs.get(name)
+        if buf is None or buf.numel() < n:
+            bufs.pop(name, None)  # free the old one before allocating the larger one
+            buf = bufs[name] = torch.empty(n)
+        return buf
+
+    def release(self) -> None:
+        self._local.bufs = {}
+
+
+def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
+                     scratch: _Scratch | None = None) -> torch.Tensor:
+    """A 3x3, stride-1, padding-1 convolution [N,C,H,W] -> [N,K,H,W] (channels-last) from transformed kernels
+    `u` [36,C,K] (`winograd_kernels`); CPU float32. Images go in groups that keep each work buffer under
+    WINOGRAD_SCRATCH floats."""
+    N, C, H, W = x.shape
+    K = u.shape[2]
+    th, tw = -(-H // 4), -(-W // 4)
+    per_image = 36 * th * tw * max(C, K)
+    group = max(1, min(N, WINOGRAD_SCRATCH // per_image))
+    scratch = scratch or _Scratch()
+    a, b = scratch.take("a", group * per_image), scratch.take("b", group * per_image)
+    out = torch.empty(N, th * 4, tw * 4, K, dtype=x.dtype)
+    for i in range(0, N, group):
+        xi = x[i:i + group]
+        _winograd_tiles(xi, u, bias, a, b, out[i:i + group])
+    return out[:, :H, :W].permute(0, 3, 1, 2)  # NCHW view with channels-last strides
+
+
+def _winograd_tiles(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                    out: torch.Tensor) -> None:
+    """One group of images: x [n,C,H,W] -> out [n, 4*th, 4*tw, K] (NHWC), through the work buffers a and b."""
+    N, C, H, W = x.shape
+    K = u.shape[2]
+    th, tw = -(-H // 4), -(-W // 4)
+    P = N * th * tw  # tiles
+    xp = F.pad(x, (1, tw * 4 + 1 - W, 1, th * 4 + 1 - H))
+    d = a[:36 * P * C].view(6, 6, N, th, tw, C)
+    d.copy_(xp.unfold(2, 6, 4).unfold(3, 6, 4).permute(4, 5, 0, 2, 3, 1))  # the tiles, [6,6,P,C]
+    bt, at = _BT.to(torch.float32), _AT.to(torch.float32)
+    t = b[:36 * P * C].view(6, 6, P * C)
+    torch.bmm(bt.expand(6, 6, 6), d.view(6, 6, P * C), out=t)  # B^T d, tile columns
+    v = a[:36 * P * C].view(36, P, C)
+    torch.mm(bt, t.view(6, 6 * P * C), out=v.view(6, 6 * P * C))  # ... B, tile rows
+    m = b[:36 * P * K].view(36, P, K)
+    torch.bmm(v, u, out=m)  # the 36 products over the input channels
+    y = a[:24 * P * K].view(4, 6, P * K)
+    torch.mm(at, m.view(6, 6 * P * K), out=y.view(4, 6 * P * K))  # A^T m
+    z = b[:16 * P * K].view(4, 4, P * K)
+    torch.bmm(at.expand(4, 4, 6), y, out=z)  # ... A
+    tiles = z.view(4, 4, N, th, tw, K).permute(2, 3, 0, 4, 1, 5)  # [N, th, 4, tw, 4, K]
+    if bias is None:
+        out.view(N, th, 4, tw, 4, K).copy_(tiles)
+    else:
+        torch.add(tiles, bias, out=out.view(N, th, 4, tw, 4, K))
+
+
+class WinogradConv2d(torch.nn.Conv2d):
+    """An eligible `nn.Conv2d` (`eligible`, padding 1, at least WINOGRAD_MIN_CHANNELS in and out) whose CPU float32
+    inference calls on maps of at least WINOGRAD_MIN_SIDE a side and WINOGRAD_MIN_TILES tiles run `winograd_conv3x3`;
+    identical parameters and keys. Kept transformed kernels (see WINOGRAD_KEEP_TILES) stay while the weight is
+    unchanged: the same tensor, its version counter where it has one, no `load_state_dict` or `.to()` since."""
+
+    scratch: _Scratch | None = None
+    _kernels: tuple | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N,Cin,H,W] -> [N,Cout,H,W]
+        w = self.weight
+        if x.ndim == 4 and x.dtype == torch.float32 and x.device.type == "cpu" and w.dtype == torch.float32 \
+                and min(x.shape[2:]) >= WINOGRAD_MIN_SIDE and not torch.is_grad_enabled():
+            tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
+            u = self._winograd_kernels(tiles) if tiles >= WINOGRAD_MIN_TILES else None
+            if u is not None:
+                return winograd_conv3x3(x, u, self.bias, self.scratch)
+        return F.conv2d(x, w, self.bias, padding=self.padding)
+
+    def _winograd_kernels(self, tiles: int) -> torch.Tensor | None:
+        """The transformed kernels [36,Cin,Cout]: kept ones, newly kept ones (a small call within the budget), made
+        into scratch (a large call), or None (a small call beyond the budget: PyTorch's convolution is faster than
+        transforming the kernels for it)."""
+        w, scratch = self.weight, self.scratch or _Scratch()
+        key = (w.data_ptr(), None if w.is_inference() else w._version)
+        if self._kernels is not None:
+            if self._kernels[0] == key:
+                return self._kernels[1]
+            scratch.budget += self._kernels[1].numel() * 4  # stale: give its bytes back
+            self._kernels = None
+        size = w[:, :, 0, 0].numel() * 36
+        if tiles < WINOGRAD_KEEP_TILES and size * 4 <= scratch.budget:
+            scratch.budget -= size * 4
+            self._kernels = (key, winograd_kernels(w))
+            return self._kernels[1]
+        if tiles < WINOGRAD_KEEP_TILES:
+            return None
+        return winograd_kernels(w, scratch.take("u", size))
+
+    def _drop_kernels(self) -> None:
+        if self._kernels is not None and self.scratch is not None:
+            self.scratch.budget += self._kernels[1].numel() * 4
+        self._kernels = None
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half() / .cuda(): the kept kernels are stale
+        self._drop_kernels()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights copied in (inference tensors keep no version)
+        self._drop_kernels()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+def use_winograd(model: torch.nn.Module) -> int:
+    """Convert the model's eligible 3x3 convolutions (padding 1, at least WINOGRAD_MIN_CHANNELS in and out) to
+    `WinogradConv2d`, in place, once (at load), sharing one `_Scratch` whose kernel budget is the converted weights'
+    size. Returns how many layers converted."""
+    layers = [m for m in model.modules() if eligible(m) and m.padding == (1, 1)
+              and min(m.in_channels, m.out_channels) >= WINOGRAD_MIN_CHANNELS]
+    scratch = _Scratch(budget=sum(m.weight.numel() * m.weight.element_size() for m in layers))
+    for m in layers:
+        m.__class__ = WinogradConv2d
+        m.scratch = scratch
+    return len(layers)

@@ -320,13 +320,29 @@ def test_one_cpu_thread_takes_nnpack_and_equals_diffusers(one_thread, monkeypatc
     assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
 
 
-def test_several_threads_keep_onednn():
-    """With more than one thread NNPACK's pool would fight PyTorch's between layers: no NNPACK layers."""
-    ref = reference("defaults_inferable")
+def test_several_threads_take_winograd_and_equal_diffusers(monkeypatch):
+    """With more than one thread NNPACK's pool would fight PyTorch's between layers: no NNPACK layers; the 3x3
+    convolutions of at least 64 channels become Winograd layers (cpu_conv.use_winograd, PyTorch's own pool), they run
+    on the 16x16 level (counted) and the UNet still equals diffusers' to float rounding."""
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DModel(sample_size=16, block_out_channels=(64, 64), layers_per_block=1, norm_num_groups=32,
+                                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         desc = unet2d_io.load(ref.state_dict(), {"config": dict(ref.config)})
+        calls = []
+        orig = cpu_conv.winograd_conv3x3
+        monkeypatch.setattr(cpu_conv, "winograd_conv3x3", lambda x, *a: calls.append(x.shape) or orig(x, *a))
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([10.0, 900.0])
+        with torch.inference_mode():
+            want = ref(x, t).sample
+            got = desc.model(x, t)
     finally:
         torch.set_num_threads(n)
     assert not any(type(m) is NNPACKConv2d for m in desc.model.modules())
+    assert sum(type(m) is cpu_conv.WinogradConv2d for m in desc.model.modules()) > 0
+    assert calls and all(s[-1] >= cpu_conv.WINOGRAD_MIN_SIDE for s in calls)
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())

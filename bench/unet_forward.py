@@ -1,6 +1,7 @@
 """Micro-benchmark: one UNet forward pass, Atelier's UNet2DModel against diffusers' UNet2DModel on the same weights.
 
     python bench/unet_forward.py [--batches 1,16] [--repeats 7] [--threads N] [--clock wall|cpu] [--channels-first]
+                                 [--onednn-too]
 
 Config: google/ddpm-cifar10-32's UNet2DModel (block_out_channels 128,256,256,256, layers_per_block 2, attention at
 16x16, 35.7 M parameters) with random weights; input [B,3,32,32], float32, CPU, torch.inference_mode. Each variant
@@ -10,7 +11,8 @@ ratio (ours / diffusers, below 1 = faster) and the largest output difference. On
 thread count is set, as the pack loads it: on one thread its 3x3 convolutions of at least 16 px a side and 1024 px
 per call run through NNPACK (models/cpu_conv.use_nnpack_alone), on more threads those of at least 64 channels on maps
 of at least 16 px a side through our Winograd F(4x4, 3x3) (models/cpu_conv.use_winograd), the rest through oneDNN.
-Last line: one JSON object.
+With --onednn-too a third model joins the interleaving: ours with every Winograd layer turned back into a plain
+convolution (oneDNN), so that both of our paths meet the same phases of a shared machine. Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def main() -> None:
     ap.add_argument("--channels-first", action="store_true",
                     help="run ours in NCHW (the loader's default is channels-last, which is what the pack runs)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    ap.add_argument("--onednn-too", action="store_true",
+                    help="also time ours with its Winograd layers as plain convolutions, interleaved")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,6 +76,14 @@ def main() -> None:
     ours = load(ref.state_dict(), {"config": CIFAR10_DDPM}).model
     if args.channels_first:
         ours.use_channels_last(False)
+    plain = None
+    if args.onednn_too:
+        from atelier.models.cpu_conv import WinogradConv2d
+
+        plain = load(ref.state_dict(), {"config": CIFAR10_DDPM}).model
+        for m in plain.modules():
+            if type(m) is WinogradConv2d:
+                m.__class__ = torch.nn.Conv2d
     results = {}
     for b in [int(s) for s in args.batches.split(",")]:
         g = torch.Generator().manual_seed(b)
@@ -81,14 +93,22 @@ def main() -> None:
         with torch.inference_mode():
             for _ in range(2):
                 ours(xo, t), ref(x, t)
+                if plain is not None:
+                    plain(xo, t)
             diff = (ours(xo, t) - ref(x, t).sample).abs().max().item()
-            t_ours, t_ref = [], []
+            t_ours, t_ref, t_plain = [], [], []
             for _ in range(args.repeats):
                 t_ours += timed(lambda: ours(xo, t), 1)
                 t_ref += timed(lambda: ref(x, t), 1)
+                if plain is not None:
+                    t_plain += timed(lambda: plain(xo, t), 1)
         mo, mr = statistics.median(t_ours), statistics.median(t_ref)
         results[f"batch{b}"] = {"ours_s": round(mo, 4), "diffusers_s": round(mr, 4), "ratio": round(mo / mr, 3),
                                 "max_abs_diff": diff}
+        if plain is not None:
+            mp = statistics.median(t_plain)
+            results[f"batch{b}"].update(ours_onednn_s=round(mp, 4), ratio_onednn=round(mp / mr, 3))
+            print(f"batch {b:3d}: ours with oneDNN only {mp * 1000:8.1f} ms  ratio {mp / mr:.3f}", flush=True)
         print(f"batch {b:3d}: ours {mo * 1000:8.1f} ms  diffusers {mr * 1000:8.1f} ms  ratio {mo / mr:.3f}  "
               f"max|diff| {diff:.2e}", flush=True)
     print(json.dumps({"bench": "unet_forward", "config": "google/ddpm-cifar10-32 (random weights)",

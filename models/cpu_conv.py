@@ -16,7 +16,8 @@ How a model gets it, explicitly and once:
   multi-threaded operators (the diffusion UNets: group norms, activations, attention), only where both pools are the
   calling thread (see there);
 - `use_winograd(model)` is the multi-threaded alternative for those models: `WinogradConv2d` layers compute
-  Winograd F(4x4, 3x3) with PyTorch's own GEMMs, inside PyTorch's thread pool (see there).
+  Winograd F(4x4, 3x3) with PyTorch's own GEMMs, inside PyTorch's thread pool, for the shapes where it measured
+  faster on the machine itself (see there).
 
 NNPACK is a private PyTorch operator (`torch._nnpack_spatial_convolution`): it is used only after a self-check
 against `F.conv2d` succeeds (once per process, `nnpack_usable`), and a failing call falls back to `F.conv2d`.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -140,9 +142,10 @@ def use_nnpack_alone(model: torch.nn.Module, device: torch.device) -> bool:
 # with PyTorch's multi-threaded operators. Each 6x6 input tile d and the 3x3 kernel g give a 4x4 output tile
 # A^T [(G g G^T) * (B^T d B)] A: 36 products per tile and channel pair instead of 144, done as 36 matrix products
 # [tiles, Cin] @ [Cin, Cout] (torch.bmm: PyTorch's BLAS in PyTorch's own pool, no second pool to fight). Points
-# 0, +-1, +-2 and infinity; error about 1e-5 of the output's scale in float32 (the transformed kernels are computed
-# in float64). Measured on 2 threads against oneDNN channels-last (ms): [16,256,16,16] 13.0 against 20.6,
-# [16,128,32,32] 18.4 against 21.4, [1,128,32,32] 0.96 against 1.39, [1,256,16,16] 1.05 against 1.39.
+# 0, +-1, +-2 and infinity; error about 1e-5 of the output's scale in float32. Measured on 2 threads against oneDNN
+# channels-last, with the kernels' transform (ms): [16,256,16,16] 12.8-15.0 against 20.3-20.9, [16,128,32,32]
+# 17.8-18.2 against 21.9-22.4, [16,384,128,32,32] 43.6-47.2 against 62.4-65.6, [1,128,32,32] 1.27-1.29 against
+# 1.37-1.40; [1,256,16,16] (16 tiles) 1.98-2.21 against 1.40-1.46, hence WINOGRAD_MIN_TILES.
 _BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
                     [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
 _G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -151,43 +154,43 @@ _AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0]
                    dtype=torch.float64)
 _KG = torch.kron(_G, _G)  # [36, 9]: vec(G g G^T) = _KG vec(g)
 # Which calls (measured on 2 threads, bench/unet_forward.py): Winograd on maps of at least WINOGRAD_MIN_SIDE a side,
-# WINOGRAD_MIN_TILES 4x4 output tiles per call and WINOGRAD_MIN_CHANNELS on both sides. Smaller maps are a UNet's
-# deep levels: one to four tiles per image and wide kernels, little to gain. The transformed kernels are 4x the
-# weight. A layer keeps them while its calls are small (under WINOGRAD_KEEP_TILES tiles, where transforming them per
-# call would cost up to as much as the products), as long as the model's kept kernels stay within the size of its
-# converted weights (so at most 2x their memory, first come first served); small calls beyond that budget take
-# PyTorch's convolution; large calls transform the kernels per call, into scratch. Calls are cut into groups of
-# images so that each work buffer stays under WINOGRAD_SCRATCH floats.
+# with at least WINOGRAD_MIN_TILES 4x4 output tiles per call and WINOGRAD_MIN_CHANNELS on both sides; everything
+# else takes PyTorch's convolution. Smaller maps are a UNet's deep levels: one to four tiles per image and wide
+# kernels, little to gain. The transformed kernels (4x the weight) are made per call into scratch, never kept: at 64
+# tiles that costs about a fifth of the call, below it the call loses to oneDNN. Keeping them would make batch 1
+# faster (the CIFAR-10 DDPM UNet's forward 0.75 of diffusers' instead of 0.81, interleaved medians) but cost up to
+# 4x the weights: with 1.5x kept, an ADM's peak went to 1.43x guided-diffusion's. Calls are cut into groups of
+# images so that each work buffer stays under WINOGRAD_SCRATCH floats: the scratch is all the extra memory (smaller
+# groups were slower: 1 M floats 1.2x the time at batch 16). Which way a shape runs is measured on its first call
+# (`WinogradConv2d._measure`). On this 2-core VM the path's speed comes in phases: for seconds at a time, with
+# nothing else of ours running, its transforms (memory-bound, seven parallel regions per call) run ~35 % slower
+# while oneDNN's direct convolution does not (a noisy neighbour on the memory system, we think): the CIFAR-10 UNet
+# at batch 16 then takes 0.95 of diffusers' time instead of 0.71, against oneDNN's 0.92.
 WINOGRAD_MIN_SIDE = 16
-WINOGRAD_MIN_TILES = 16
-WINOGRAD_KEEP_TILES = 256
+WINOGRAD_MIN_TILES = 64
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_SCRATCH = 4 << 20  # floats per work buffer (16 MB)
 
 
 def winograd_kernels(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[Cout,Cin,3,3] -> the transformed kernels G g G^T as [36, Cin, Cout] float32: computed in float64 and
-    contiguous when kept; with `out` (a buffer of at least 36*Cin*Cout floats), per call: in float32, into `out`,
-    returned as a transposed view (which the products read as it is)."""
+    """[Cout,Cin,3,3] -> the transformed kernels G g G^T as [36, Cin, Cout] float32, into `out` (a buffer of at least
+    36*Cin*Cout floats) where given; returned as a transposed view, which the products read as it is."""
     K, C = weight.shape[:2]
-    w = weight.detach().reshape(K * C, 9).T  # [9, K*C]
-    if out is None:
-        u = _KG.to(weight.device) @ w.to(torch.float64)  # [36, K*C]
-        return u.reshape(36, K, C).transpose(1, 2).to(torch.float32).contiguous()
-    u = out[:36 * K * C].view(36, K * C)
-    torch.mm(_KG.to(device=weight.device, dtype=torch.float32), w, out=u)
+    u = torch.empty(36 * K * C, dtype=torch.float32, device=weight.device) if out is None else out[:36 * K * C]
+    torch.mm(_KG.to(device=weight.device, dtype=torch.float32), weight.detach().reshape(K * C, 9).T,
+             out=u.view(36, K * C))
     return u.view(36, K, C).transpose(1, 2)
 
 
 class _Scratch:
-    """What a model's Winograd layers share: float32 work buffers, grown to the largest call and reused (fresh buffers
+    """The float32 work buffers a model's Winograd layers share, grown to the largest call and reused (fresh buffers
     per layer would each come as new zeroed pages from the OS, glibc mapping blocks above its threshold, which cost
     more than the products themselves at batch 16), one set per calling thread so that concurrent calls never share
-    one; `release()` drops the calling thread's. And the budget in bytes for kept kernels."""
+    one; `release()` drops the calling thread's."""
 
-    def __init__(self, budget: int = 0) -> None:
+    def __init__(self) -> None:
         self._local = threading.local()
-        self.budget = budget
+        self.faster: dict[tuple, bool] = {}  # (input shape, weight shape, threads) -> Winograd measured faster
 
     @property
     def bufs(self) -> dict[str, torch.Tensor]:
@@ -256,64 +259,53 @@ def _winograd_tiles(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
 
 class WinogradConv2d(torch.nn.Conv2d):
     """An eligible `nn.Conv2d` (`eligible`, padding 1, at least WINOGRAD_MIN_CHANNELS in and out) whose CPU float32
-    inference calls on maps of at least WINOGRAD_MIN_SIDE a side and WINOGRAD_MIN_TILES tiles run `winograd_conv3x3`;
-    identical parameters and keys. Kept transformed kernels (see WINOGRAD_KEEP_TILES) stay while the weight is
-    unchanged: the same tensor, its version counter where it has one, no `load_state_dict` or `.to()` since."""
+    inference calls on maps of at least WINOGRAD_MIN_SIDE a side and WINOGRAD_MIN_TILES tiles run `winograd_conv3x3`
+    with kernels transformed per call, where it measured faster than PyTorch's convolution for that shape (`_measure`);
+    identical parameters and keys, nothing kept between calls but scratch and those choices."""
 
     scratch: _Scratch | None = None
-    _kernels: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N,Cin,H,W] -> [N,Cout,H,W]
         w = self.weight
         if x.ndim == 4 and x.dtype == torch.float32 and x.device.type == "cpu" and w.dtype == torch.float32 \
-                and min(x.shape[2:]) >= WINOGRAD_MIN_SIDE and not torch.is_grad_enabled():
-            tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
-            u = self._winograd_kernels(tiles) if tiles >= WINOGRAD_MIN_TILES else None
-            if u is not None:
-                return winograd_conv3x3(x, u, self.bias, self.scratch)
+                and min(x.shape[2:]) >= WINOGRAD_MIN_SIDE and not torch.is_grad_enabled() \
+                and x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4) >= WINOGRAD_MIN_TILES:
+            scratch = self.scratch or _Scratch()
+            key = (tuple(x.shape), tuple(w.shape), torch.get_num_threads())
+            faster = scratch.faster.get(key)
+            if faster is None:
+                return self._measure(x, scratch, key)
+            if faster:
+                return self._winograd(x, scratch)
         return F.conv2d(x, w, self.bias, padding=self.padding)
 
-    def _winograd_kernels(self, tiles: int) -> torch.Tensor | None:
-        """The transformed kernels [36,Cin,Cout]: kept ones, newly kept ones (a small call within the budget), made
-        into scratch (a large call), or None (a small call beyond the budget: PyTorch's convolution is faster than
-        transforming the kernels for it)."""
-        w, scratch = self.weight, self.scratch or _Scratch()
-        key = (w.data_ptr(), None if w.is_inference() else w._version)
-        if self._kernels is not None:
-            if self._kernels[0] == key:
-                return self._kernels[1]
-            scratch.budget += self._kernels[1].numel() * 4  # stale: give its bytes back
-            self._kernels = None
-        size = w[:, :, 0, 0].numel() * 36
-        if tiles < WINOGRAD_KEEP_TILES and size * 4 <= scratch.budget:
-            scratch.budget -= size * 4
-            self._kernels = (key, winograd_kernels(w))
-            return self._kernels[1]
-        if tiles < WINOGRAD_KEEP_TILES:
-            return None
-        return winograd_kernels(w, scratch.take("u", size))
+    def _winograd(self, x: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
+        u = winograd_kernels(self.weight, scratch.take("u", self.weight[:, :, 0, 0].numel() * 36))
+        return winograd_conv3x3(x, u, self.bias, scratch)
 
-    def _drop_kernels(self) -> None:
-        if self._kernels is not None and self.scratch is not None:
-            self.scratch.budget += self._kernels[1].numel() * 4
-        self._kernels = None
-
-    def _apply(self, fn, *args, **kwargs):  # .to() / .half() / .cuda(): the kept kernels are stale
-        self._drop_kernels()
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # new weights copied in (inference tensors keep no version)
-        self._drop_kernels()
-        return super()._load_from_state_dict(*args, **kwargs)
+    def _measure(self, x: torch.Tensor, scratch: _Scratch, key: tuple) -> torch.Tensor:
+        """The first call of a shape: run it both ways, twice each after one Winograd call that allocates its
+        scratch, and remember which was faster (the better of each pair), for this model and thread count. The
+        machine decides, not a table measured on another one: on many cores oneDNN's direct convolution may win."""
+        y = self._winograd(x, scratch)  # scratch allocated, pages touched
+        best = {True: float("inf"), False: float("inf")}
+        for winograd in (False, True, False, True):
+            t0 = time.perf_counter()
+            if winograd:
+                self._winograd(x, scratch)
+            else:
+                F.conv2d(x, self.weight, self.bias, padding=self.padding)
+            best[winograd] = min(best[winograd], time.perf_counter() - t0)
+        scratch.faster[key] = best[True] < best[False]
+        return y
 
 
 def use_winograd(model: torch.nn.Module) -> int:
     """Convert the model's eligible 3x3 convolutions (padding 1, at least WINOGRAD_MIN_CHANNELS in and out) to
-    `WinogradConv2d`, in place, once (at load), sharing one `_Scratch` whose kernel budget is the converted weights'
-    size. Returns how many layers converted."""
+    `WinogradConv2d`, in place, once (at load), sharing one `_Scratch`. Returns how many layers converted."""
     layers = [m for m in model.modules() if eligible(m) and m.padding == (1, 1)
               and min(m.in_channels, m.out_channels) >= WINOGRAD_MIN_CHANNELS]
-    scratch = _Scratch(budget=sum(m.weight.numel() * m.weight.element_size() for m in layers))
+    scratch = _Scratch()
     for m in layers:
         m.__class__ = WinogradConv2d
         m.scratch = scratch

@@ -4,7 +4,7 @@
 - `attention`: multi-head self-attention through F.scaled_dot_product_attention; the softmax is in float32
   (q, k, v upcast where the backend has no fused fp32-accumulating kernel: CPU and MPS in half precision).
 - `cpu_layout`: channels-last activations, plus Winograd 3x3 convolutions on the CPU (NNPACK's on one thread, our
-  GEMM-based ones on more), set once at load.
+  GEMM-based ones on more where they measure faster), set once at load.
 - `SinusoidalEmbedding`: the DDPM/ADM timestep embedding with its frequencies precomputed (a float32 buffer that
   stays float32 when the module is cast to half precision; not in the state dict).
 """
@@ -24,7 +24,7 @@ def cpu_layout(model: nn.Module) -> nn.Module:
     """Give a UNet (with a `use_channels_last(on)` method) its layout, once, at load: channels-last activations
     (faster convolutions on CPU and GPU), and Winograd 3x3 convolutions when the manager computes on the CPU:
     NNPACK's where `use_nnpack_alone` applies (one thread), else `use_winograd` (the products through PyTorch's own
-    GEMMs, in its own pool). NNPACK reads NCHW: `conv3x3` converts its input and weight per call, which costs less
+    GEMMs, in its own pool, for the shapes where that measures faster than oneDNN on the machine itself). NNPACK reads NCHW: `conv3x3` converts its input and weight per call, which costs less
     than keeping the whole model in NCHW (oneDNN then reorders every other layer's weights per call: 0.86 against
     0.77 of diffusers' time at batch 1, bench/unet_forward.py)."""
     device = get_manager().compute_device

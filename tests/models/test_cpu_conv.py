@@ -1,6 +1,5 @@
 """models/cpu_conv's Winograd F(4x4, 3x3) path: equal to a float64 convolution within float32 rounding for any size,
-layout, bias and grouping of images; its layers keep transformed kernels only within their budget and never
-use stale ones."""
+layout, bias and grouping of images; its layers choose their calls, keep the state dict and never use stale kernels."""
 from __future__ import annotations
 
 import pytest
@@ -40,9 +39,9 @@ def test_winograd_equals_convolution(shape, channels_last, bias):
     close(got, exact(x, w, b))
 
 
-def test_groups_of_images_and_per_call_kernels(monkeypatch):
-    """A scratch limit below one call's needs cuts it into groups of images (here 1, 2 and 3 per group); per-call
-    kernels (float32, a transposed view into scratch) give the same result as kept ones."""
+def test_groups_of_images(monkeypatch):
+    """A scratch limit below one call's needs cuts it into groups of images (here 1, 2 and 3 per group), with the
+    same result; the work buffers grow to the largest group only."""
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(5, 64, 16, 20, generator=g), torch.randn(80, 64, 3, 3, generator=g) / 24, torch.randn(80)
     want = exact(x, w, b)
@@ -51,73 +50,85 @@ def test_groups_of_images_and_per_call_kernels(monkeypatch):
     for group in (1, 2, 3):
         monkeypatch.setattr(cpu_conv, "WINOGRAD_SCRATCH", group * per_image)
         with torch.inference_mode():
-            u = winograd_kernels(w, scratch.take("u", 36 * 64 * 80))
-            close(winograd_conv3x3(x, u, b, scratch), want)
-        assert scratch.bufs["a"].numel() <= max(group, 1) * per_image * 3  # grown to the largest group only
+            close(winograd_conv3x3(x, winograd_kernels(w, scratch.take("u", 36 * 64 * 80)), b, scratch), want)
+        assert scratch.bufs["a"].numel() == group * per_image
 
 
-def net(channels: int = 64, layers: int = 3, seed: int = 0) -> torch.nn.Sequential:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(*[torch.nn.Conv2d(channels, channels, 3, padding=1) for _ in range(layers)]).eval()
+class Always(dict):
+    def __init__(self, value: bool):
+        super().__init__()
+        self.value = value
+
+    def get(self, key, default=None):
+        return self.value
 
 
-def test_layers_keep_kernels_within_budget_and_drop_stale_ones():
-    """use_winograd converts the eligible layers (not a 1x1, not 32 channels) with a kept-kernel budget equal to the
-    converted weights' bytes. Kernels are 4x a weight, so of five layers only the first keeps its kernels (small
-    calls only) and the other four take PyTorch's convolution on small calls; large calls never keep; new weights
-    through load_state_dict or an in-place change are used at the next call, and the stale kernels' bytes go back
-    to the budget."""
-    body = net(layers=5)
+def test_use_winograd_layers_keep_keys_and_choose_calls():
+    """use_winograd converts the eligible layers (not a 1x1, not 32 channels), sharing one scratch, with the same
+    state dict; calls of WINOGRAD_MIN_TILES tiles or more on maps of WINOGRAD_MIN_SIDE take Winograd, the rest
+    (small calls, small maps, recorded gradients) PyTorch's own convolution; results equal the exact chain; weights
+    changed in place or loaded are used at the next call (nothing is kept between calls)."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(*[torch.nn.Conv2d(64, 64, 3, padding=1) for _ in range(3)]).eval()
     model = torch.nn.Sequential(body, torch.nn.Conv2d(64, 32, 1), torch.nn.Conv2d(32, 32, 3, padding=1)).eval()
-    assert use_winograd(model) == 5
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_winograd(model) == 3
     assert all(type(m) is WinogradConv2d for m in body) and type(model[2]) is torch.nn.Conv2d
+    assert len({id(m.scratch) for m in body}) == 1
+    assert model.state_dict().keys() == keys.keys() and not list(model.buffers())
     scratch = body[0].scratch
-    weight_bytes = 64 * 64 * 9 * 4
-    assert all(m.scratch is scratch for m in body) and scratch.budget == 5 * weight_bytes
+    scratch.faster = Always(True)  # as if Winograd had measured faster for every shape
 
     def chain(x):
         for m in body:
             x = exact(x, m.weight, m.bias)
         return x
 
-    x = torch.randn(1, 64, 16, 16)  # 16 tiles: a small call
-    with torch.inference_mode():
-        close(body(x), chain(x), rel=1e-4)
-    kept = [m._kernels is not None for m in body]
-    assert kept == [True, False, False, False, False] and scratch.budget == weight_bytes
     calls = []
     orig = cpu_conv.winograd_conv3x3
     try:
-        cpu_conv.winograd_conv3x3 = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        cpu_conv.winograd_conv3x3 = lambda *a, **k: calls.append(a[0].shape[0]) or orig(*a, **k)
         with torch.inference_mode():
-            body(torch.randn(2, 64, 20, 20))  # 50 tiles: small, nothing more fits: PyTorch's for all but the first
-    finally:
-        cpu_conv.winograd_conv3x3 = orig
-    assert calls == [1]
-    with torch.inference_mode():
-        big = torch.randn(16, 64, 16, 16)  # 256 tiles: large, kernels per call
-        close(body(big), chain(big), rel=1e-4)
-    assert [m._kernels is not None for m in body] == kept
-    ref = net(layers=5, seed=1)
-    body.load_state_dict(ref.state_dict())
-    assert scratch.budget == 5 * weight_bytes and body[0]._kernels is None
-    with torch.inference_mode():
-        close(body[0](x), exact(x, ref[0].weight, ref[0].bias))
-    with torch.no_grad():
-        body[0].weight.mul_(2)
-    with torch.inference_mode():
-        close(body[0](x), exact(x, 2 * ref[0].weight, ref[0].bias))
-    # small maps and recorded gradients: PyTorch's own convolution
-    calls = []
-    orig = cpu_conv.winograd_conv3x3
-    try:
-        cpu_conv.winograd_conv3x3 = lambda *a, **k: calls.append(1) or orig(*a, **k)
-        with torch.inference_mode():
-            body[1](torch.randn(4, 64, 8, 8))  # 8 px a side: under WINOGRAD_MIN_SIDE
-        y = body[1](torch.randn(16, 64, 16, 16, requires_grad=True))
+            for x in (torch.randn(4, 64, 16, 16), torch.randn(1, 64, 32, 32)):  # 64 tiles each: Winograd
+                close(body(x), chain(x), rel=1e-4)
+            body(torch.randn(3, 64, 16, 16))  # 48 tiles: too few
+            body(torch.randn(16, 64, 8, 8))  # 8 px a side
+        y = body(torch.randn(4, 64, 16, 16, requires_grad=True))  # gradients recorded
         y.sum().backward()
+        assert calls == [4] * 3 + [1] * 3
+        ref = torch.nn.Sequential(*[torch.nn.Conv2d(64, 64, 3, padding=1) for _ in range(3)])
+        body.load_state_dict(ref.state_dict())
+        x = torch.randn(4, 64, 16, 16)
         with torch.inference_mode():
-            body[1](big)  # the one call that takes Winograd (large: kernels per call)
+            close(body[0](x), exact(x, ref[0].weight, ref[0].bias))
+        with torch.no_grad():
+            body[0].weight.mul_(2)
+        with torch.inference_mode():
+            close(body[0](x), exact(x, 2 * ref[0].weight, ref[0].bias))
     finally:
         cpu_conv.winograd_conv3x3 = orig
-    assert calls == [1]
+
+
+def test_each_shape_is_measured_once_and_the_faster_way_kept():
+    """The first call of a shape runs both ways (Winograd twice: once to allocate its scratch, once timed) and
+    remembers the faster per shape and thread count; later calls take only that way, both giving the exact result."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1)).eval()
+    use_winograd(layer)
+    conv, x = layer[0], torch.randn(4, 64, 16, 16)
+    calls = []
+    orig = cpu_conv.winograd_conv3x3
+    try:
+        cpu_conv.winograd_conv3x3 = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        with torch.inference_mode():
+            close(conv(x), exact(x, conv.weight, conv.bias))
+            key = ((4, 64, 16, 16), (64, 64, 3, 3), torch.get_num_threads())
+            assert len(calls) == 3 and list(conv.scratch.faster) == [key]
+            for faster, want_calls in ((True, 4), (False, 4)):
+                conv.scratch.faster[key] = faster
+                close(conv(x), exact(x, conv.weight, conv.bias))
+                assert len(calls) == want_calls
+            conv(torch.randn(1, 64, 32, 32))  # another shape: measured too
+            assert len(calls) == 7 and len(conv.scratch.faster) == 2
+    finally:
+        cpu_conv.winograd_conv3x3 = orig

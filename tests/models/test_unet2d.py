@@ -323,7 +323,7 @@ def test_one_cpu_thread_takes_nnpack_and_equals_diffusers(one_thread, monkeypatc
 def test_several_threads_take_winograd_and_equal_diffusers(monkeypatch):
     """With more than one thread NNPACK's pool would fight PyTorch's between layers: no NNPACK layers; the 3x3
     convolutions of at least 64 channels become Winograd layers (cpu_conv.use_winograd, PyTorch's own pool), they run
-    on the 16x16 level (counted) and the UNet still equals diffusers' to float rounding."""
+    on the 16x16 level at batch 4 (counted) and the UNet still equals diffusers' to float rounding."""
     torch.manual_seed(0)
     ref = diffusers.UNet2DModel(sample_size=16, block_out_channels=(64, 64), layers_per_block=1, norm_num_groups=32,
                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -336,7 +336,7 @@ def test_several_threads_take_winograd_and_equal_diffusers(monkeypatch):
         orig = cpu_conv.winograd_conv3x3
         monkeypatch.setattr(cpu_conv, "winograd_conv3x3", lambda x, *a: calls.append(x.shape) or orig(x, *a))
         g = torch.Generator().manual_seed(0)
-        x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([10.0, 900.0])
+        x, t = torch.randn(4, 3, 16, 16, generator=g), torch.tensor([10.0, 300.0, 600.0, 900.0])  # 64 tiles
         with torch.inference_mode():
             want = ref(x, t).sample
             got = desc.model(x, t)

@@ -144,8 +144,8 @@ def use_nnpack_alone(model: torch.nn.Module, device: torch.device) -> bool:
 # [tiles, Cin] @ [Cin, Cout] (torch.bmm: PyTorch's BLAS in PyTorch's own pool, no second pool to fight). Points
 # 0, +-1, +-2 and infinity; error about 1e-5 of the output's scale in float32. Measured on 2 threads against oneDNN
 # channels-last, with the kernels' transform (ms): [16,256,16,16] 12.8-15.0 against 20.3-20.9, [16,128,32,32]
-# 17.8-18.2 against 21.9-22.4, [16,384,128,32,32] 43.6-47.2 against 62.4-65.6, [1,128,32,32] 1.27-1.29 against
-# 1.37-1.40; [1,256,16,16] (16 tiles) 1.98-2.21 against 1.40-1.46, hence WINOGRAD_MIN_TILES.
+# 17.8-18.2 against 21.9-22.4, [16,384,32,32] to 128 channels 43.6-47.2 against 62.4-65.6, [1,128,32,32] 1.27-1.29
+# against 1.37-1.40; [1,256,16,16] (16 tiles) 1.98-2.21 against 1.40-1.46, hence WINOGRAD_MIN_TILES.
 _BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
                     [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
 _G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],

@@ -27,6 +27,7 @@ the first NNPACK call with `torch.get_num_threads()` threads (and keeps); the ot
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -310,3 +311,15 @@ def use_winograd(model: torch.nn.Module) -> int:
         m.__class__ = WinogradConv2d
         m.scratch = scratch
     return len(layers)
+
+
+@contextlib.contextmanager
+def scratch_released(model: torch.nn.Module):
+    """Around one node run of `model`: afterwards the calling thread's Winograd work buffers are dropped, so nothing
+    stays with the loaded model but its weights and the per-shape choices."""
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            if type(m) is WinogradConv2d and m.scratch is not None:
+                m.scratch.release()

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..budget import call_budget, fit_batch, scaled_bpp
+from ..cpu_conv import scratch_released
 from ..descriptor import ModelDescriptor
 from ..errors import InputError, WrongFamilyError
 from ..latents import generator, seeded_normal
@@ -124,7 +125,8 @@ def denoise(manager, desc: ModelDescriptor, x: torch.Tensor, sigmas: torch.Tenso
         device = manager.compute_device
         outs = []
         # Cancel is seen after every step and, inside a network call, between its blocks (depth 2)
-        with Progress(steps * math.ceil(B / chunk), what) as bar, interruptible(model, depth=2):
+        with Progress(steps * math.ceil(B / chunk), what) as bar, interruptible(model, depth=2), \
+                scratch_released(model):
             for start in range(0, B, chunk):
                 xc = x[start:start + chunk].to(device, torch.float32)
                 extra = {} if labels is None else {"class_labels": labels[start:start + chunk].to(device)}
@@ -232,7 +234,8 @@ def inpaint(manager, desc: ModelDescriptor, image: torch.Tensor, keep: torch.Ten
         den = Denoiser(model, facts, clip=clip)
         device = manager.compute_device
         outs = []
-        with Progress(calls * math.ceil(B / chunk), "RePaint") as bar, interruptible(model, depth=2):
+        with Progress(calls * math.ceil(B / chunk), "RePaint") as bar, interruptible(model, depth=2), \
+                scratch_released(model):
             for start in range(0, B, chunk):
                 img = image[start:start + chunk].to(device, torch.float32)
                 kp = keep[start:start + chunk].to(device)

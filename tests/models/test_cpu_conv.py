@@ -132,3 +132,22 @@ def test_each_shape_is_measured_once_and_the_faster_way_kept():
             assert len(calls) == 7 and len(conv.scratch.faster) == 2
     finally:
         cpu_conv.winograd_conv3x3 = orig
+
+
+def test_scratch_released_after_a_run():
+    """scratch_released drops the work buffers when the run ends (also on an error), the per-shape choices stay."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1)).eval()
+    use_winograd(model)
+    scratch = model[0].scratch
+    for fail in (False, True):
+        try:
+            scratch.faster.clear()  # measured again: Winograd runs, whichever way wins
+            with torch.inference_mode(), cpu_conv.scratch_released(model):
+                model(torch.randn(4, 64, 16, 16))
+                assert scratch.bufs and scratch.faster
+                if fail:
+                    raise KeyError("stop")
+        except KeyError:
+            assert fail
+        assert not scratch.bufs and len(scratch.faster) == 1

@@ -3,7 +3,7 @@ and against OpenAI guided-diffusion's own code for an ADM model.
 
     python bench/diffusion.py [--batches 1,16] [--steps 50] [--pipelines ddim,ddpm,repaint,adm] [--repeats 3]
                               [--repaint-steps 250 --jump-length 10 --jump-n-sample 10] [--device cpu|cuda]
-                              [--guided-diffusion DIR]
+                              [--guided-diffusion DIR] [--threads N] [--rounds R]
 
 Model: the google/ddpm-cifar10-32 UNet2DModel configuration (35.7 M parameters, 32x32, block_out_channels
 128,256,256,256, attention at 16x16) with random weights, saved once as a diffusers folder (unet/ + scheduler/) in a

@@ -24,9 +24,10 @@ def cpu_layout(model: nn.Module) -> nn.Module:
     """Give a UNet (with a `use_channels_last(on)` method) its layout, once, at load: channels-last activations
     (faster convolutions on CPU and GPU), and Winograd 3x3 convolutions when the manager computes on the CPU:
     NNPACK's where `use_nnpack_alone` applies (one thread), else `use_winograd` (the products through PyTorch's own
-    GEMMs, in its own pool, for the shapes where that measures faster than oneDNN on the machine itself). NNPACK reads NCHW: `conv3x3` converts its input and weight per call, which costs less
-    than keeping the whole model in NCHW (oneDNN then reorders every other layer's weights per call: 0.86 against
-    0.77 of diffusers' time at batch 1, bench/unet_forward.py)."""
+    GEMMs, in its own pool, for the shapes where that measures faster than oneDNN on the machine itself). NNPACK
+    reads NCHW: `conv3x3` converts its input and weight per call, which costs less than keeping the whole model in
+    NCHW (oneDNN then reorders every other layer's weights per call: 0.86 against 0.77 of diffusers' time at batch
+    1, bench/unet_forward.py)."""
     device = get_manager().compute_device
     if not use_nnpack_alone(model, device) and device.type == "cpu":
         use_winograd(model)

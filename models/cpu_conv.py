@@ -271,7 +271,9 @@ class WinogradConv2d(torch.nn.Conv2d):
         if x.ndim == 4 and x.dtype == torch.float32 and x.device.type == "cpu" and w.dtype == torch.float32 \
                 and min(x.shape[2:]) >= WINOGRAD_MIN_SIDE and not torch.is_grad_enabled() \
                 and x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4) >= WINOGRAD_MIN_TILES:
-            scratch = self.scratch or _Scratch()
+            if self.scratch is None:  # a layer converted by hand: its own scratch, so its choices are remembered
+                self.scratch = _Scratch()
+            scratch = self.scratch
             key = (tuple(x.shape), tuple(w.shape), torch.get_num_threads())
             faster = scratch.faster.get(key)
             if faster is None:

@@ -11,8 +11,10 @@ ratio (ours / diffusers, below 1 = faster) and the largest output difference. On
 thread count is set, as the pack loads it: on one thread its 3x3 convolutions of at least 16 px a side and 1024 px
 per call run through NNPACK (models/cpu_conv.use_nnpack_alone), on more threads those of at least 64 channels on maps
 of at least 16 px a side through our Winograd F(4x4, 3x3) (models/cpu_conv.use_winograd), the rest through oneDNN.
-With --onednn-too a third model joins the interleaving: ours with every Winograd layer turned back into a plain
-convolution (oneDNN), so that both of our paths meet the same phases of a shared machine. Last line: one JSON object.
+Calls too small for Winograd take oneDNN with weights packed once per node run (models/cpu_conv.PACK_BUDGET); the
+timed calls run inside one such run (`scratch_released`), the packs made during the warm-up calls. With --onednn-too
+a third model joins the interleaving: ours with every Winograd layer turned back into a plain convolution (oneDNN,
+nothing packed), so that both of our paths meet the same phases of a shared machine. Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ def main() -> None:
     sys.path.insert(0, str(pkg_root()))
     from diffusers import UNet2DModel as Reference
 
+    from atelier.models.cpu_conv import scratch_released
     from atelier.models.diffusion.unet2d_io import load
 
     torch.manual_seed(0)
@@ -90,7 +93,7 @@ def main() -> None:
         x = torch.randn(b, 3, 32, 32, generator=g)
         t = torch.randint(0, 1000, (b,), generator=g).float()
         xo = x  # the contract: NCHW in, NCHW out (ours converts inside)
-        with torch.inference_mode():
+        with torch.inference_mode(), scratch_released(ours):  # inside one run, as a node runs it
             for _ in range(2):
                 ours(xo, t), ref(x, t)
                 if plain is not None:

@@ -24,7 +24,8 @@ def cpu_layout(model: nn.Module) -> nn.Module:
     """Give a UNet (with a `use_channels_last(on)` method) its layout, once, at load: channels-last activations
     (faster convolutions on CPU and GPU), and Winograd 3x3 convolutions when the manager computes on the CPU:
     NNPACK's where `use_nnpack_alone` applies (one thread), else `use_winograd` (the products through PyTorch's own
-    GEMMs, in its own pool, for the shapes where that measures faster than oneDNN on the machine itself). NNPACK
+    GEMMs, in its own pool, for the shapes where that measures faster than oneDNN on the machine itself; the calls
+    too small for it, the deep levels at small batches, take oneDNN with weights packed once per node run). NNPACK
     reads NCHW: `conv3x3` converts its input and weight per call, which costs less than keeping the whole model in
     NCHW (oneDNN then reorders every other layer's weights per call: 0.86 against 0.77 of diffusers' time at batch
     1, bench/unet_forward.py)."""

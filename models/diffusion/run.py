@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from ..budget import call_budget, fit_batch, scaled_bpp
-from ..cpu_conv import scratch_released
+from ..cpu_conv import pack_budget, scratch_released
 from ..descriptor import ModelDescriptor
 from ..errors import InputError, WrongFamilyError
 from ..latents import generator, seeded_normal
@@ -137,8 +137,14 @@ def denoise(manager, desc: ModelDescriptor, x: torch.Tensor, sigmas: torch.Tenso
         log.debug("%s: %d network calls", what, den.calls)
         return torch.cat(outs)
 
-    return manager.run(desc, fn, memory_required=desc.weight_bytes + chunk * int(
-        scaled_bpp(desc.bytes_per_pixel, manager.dtype_for(desc)) * H * W))
+    return manager.run(desc, fn, memory_required=run_bytes(manager, desc, chunk, H, W))
+
+
+def run_bytes(manager, desc: ModelDescriptor, chunk: int, height: int, width: int) -> int:
+    """Memory one node run needs: the weights, one chunk's activations, and the packed weights its small CPU calls
+    may keep (`cpu_conv.pack_budget`)."""
+    return desc.weight_bytes + pack_budget(desc.model) + chunk * int(
+        scaled_bpp(desc.bytes_per_pixel, manager.dtype_for(desc)) * height * width)
 
 
 def _callback(bar: Progress, facts: DiffusionFacts, steps: int) -> Callable[[dict], None]:
@@ -259,4 +265,4 @@ def inpaint(manager, desc: ModelDescriptor, image: torch.Tensor, keep: torch.Ten
                                     schedule, x=x, callback=cb, extra_args=extra).float().cpu())
         return torch.cat(outs)
 
-    return manager.run(desc, fn)
+    return manager.run(desc, fn, memory_required=run_bytes(manager, desc, chunk, H, W))

@@ -151,3 +151,73 @@ def test_scratch_released_after_a_run():
         except KeyError:
             assert fail
         assert not scratch.bufs and len(scratch.faster) == 1
+
+
+@pytest.mark.skipif(not cpu_conv.packing_usable(), reason="this PyTorch build has no oneDNN packed convolution")
+@pytest.mark.parametrize("shape", [(1, 64, 96, 4, 4), (2, 70, 64, 5, 9), (1, 256, 256, 8, 8)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_weights_equal_convolution(shape, bias):
+    """oneDNN with a weight packed once gives the convolution (float64 reference), channels-last, from NCHW or
+    channels-last input."""
+    torch.manual_seed(0)
+    N, C, K, H, W = shape
+    x, w = torch.randn(N, C, H, W), torch.randn(K, C, 3, 3) / (3 * C ** 0.5)
+    b = torch.randn(K) if bias else None
+    packed = cpu_conv.pack_weight(w.contiguous(memory_format=torch.channels_last), (N, C, H, W), (1, 1))
+    with torch.inference_mode():
+        for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+            y = cpu_conv.packed_conv(xi, packed, b, (1, 1))
+            assert y.shape == (N, K, H, W) and y.is_contiguous(memory_format=torch.channels_last)
+            close(y, exact(x, w, b))
+
+
+@pytest.mark.skipif(not cpu_conv.packing_usable(), reason="this PyTorch build has no oneDNN packed convolution")
+def test_small_calls_pack_weights_only_inside_a_run_and_within_the_budget(monkeypatch):
+    """Calls too small for Winograd take a packed weight only inside `scratch_released` (never outside a run, where
+    weights may be patched between calls), one pack per layer and shape, made at the run's first such call and
+    dropped when it ends, so weights changed between runs are used; the packs stay within the budget, beyond which
+    layers keep PyTorch's convolution; results equal the exact chain."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(*[torch.nn.Conv2d(64, 64, 3, padding=1) for _ in range(3)]).eval()
+    assert use_winograd(body) == 3
+    scratch = body[0].scratch
+    weight_bytes = sum(p.numel() * p.element_size() for p in body.parameters())
+    assert scratch.pack_budget == cpu_conv.pack_budget(body) == int(cpu_conv.PACK_BUDGET * weight_bytes)
+    assert cpu_conv.pack_budget(torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1))) == 0
+    scratch.faster = Always(True)  # as if the packed way had measured faster for every shape
+    packs = []
+    orig = cpu_conv.pack_weight
+    monkeypatch.setattr(cpu_conv, "pack_weight", lambda w, *a: packs.append(w.shape) or orig(w, *a))
+    ran = []
+    orig_conv = cpu_conv.packed_conv
+    monkeypatch.setattr(cpu_conv, "packed_conv", lambda x, *a: ran.append(x.shape[0]) or orig_conv(x, *a))
+
+    def chain(x):
+        for m in body:
+            x = exact(x, m.weight, m.bias)
+        return x
+
+    scratch.pack_budget = 10 ** 9
+    small = torch.randn(1, 64, 8, 8)
+    with torch.inference_mode():
+        body(small)  # outside a run: nothing packed
+        assert not packs and not ran
+        with cpu_conv.scratch_released(body):
+            assert scratch.in_run
+            for _ in range(2):
+                close(body(small), chain(small), rel=1e-4)
+            other = torch.randn(2, 64, 4, 4)  # another shape: packed too
+            close(body(other), chain(other), rel=1e-4)
+            assert len(packs) == 6 and ran.count(1) == 6 and ran.count(2) == 3
+            assert scratch.bufs["packed_bytes"] == 6 * body[0].weight.numel() * 4
+        assert not scratch.in_run and not scratch.bufs
+        with torch.no_grad():
+            body[1].weight.mul_(-1)  # changed between runs: the next run packs it anew
+        with cpu_conv.scratch_released(body):
+            close(body(small), chain(small), rel=1e-4)
+        assert len(packs) == 9
+        scratch.pack_budget = 2 * body[0].weight.numel() * 4  # room for two layers' packs
+        ran.clear()
+        with cpu_conv.scratch_released(body):
+            close(body(small), chain(small), rel=1e-4)
+            assert ran == [1, 1] and scratch.bufs["packed_bytes"] == scratch.pack_budget

@@ -323,7 +323,8 @@ def test_one_cpu_thread_takes_nnpack_and_equals_diffusers(one_thread, monkeypatc
 def test_several_threads_take_winograd_and_equal_diffusers(monkeypatch):
     """With more than one thread NNPACK's pool would fight PyTorch's between layers: no NNPACK layers; the 3x3
     convolutions of at least 64 channels become Winograd layers (cpu_conv.use_winograd, PyTorch's own pool), they run
-    on the 16x16 level at batch 4 (counted) and the UNet still equals diffusers' to float rounding."""
+    on the 16x16 level at batch 4 (counted); inside a node run the 8x8 level's calls, too small for Winograd, take
+    oneDNN with packed weights (counted); and the UNet still equals diffusers' to float rounding both ways."""
     torch.manual_seed(0)
     ref = diffusers.UNet2DModel(sample_size=16, block_out_channels=(64, 64), layers_per_block=1, norm_num_groups=32,
                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -335,14 +336,24 @@ def test_several_threads_take_winograd_and_equal_diffusers(monkeypatch):
         calls = []
         orig = cpu_conv.winograd_conv3x3
         monkeypatch.setattr(cpu_conv, "winograd_conv3x3", lambda x, *a: calls.append(x.shape) or orig(x, *a))
+        packed = []
+        orig_packed = cpu_conv.packed_conv
+        monkeypatch.setattr(cpu_conv, "packed_conv", lambda x, *a: packed.append(x.shape) or orig_packed(x, *a))
         g = torch.Generator().manual_seed(0)
         x, t = torch.randn(4, 3, 16, 16, generator=g), torch.tensor([10.0, 300.0, 600.0, 900.0])  # 64 tiles
         with torch.inference_mode():
             want = ref(x, t).sample
             got = desc.model(x, t)
+            assert not packed  # outside a run
+            with cpu_conv.scratch_released(desc.model):
+                for _ in range(2):
+                    got_in_run = desc.model(x, t)
     finally:
         torch.set_num_threads(n)
     assert not any(type(m) is NNPACKConv2d for m in desc.model.modules())
     assert sum(type(m) is cpu_conv.WinogradConv2d for m in desc.model.modules()) > 0
     assert calls and all(s[-1] >= cpu_conv.WINOGRAD_MIN_SIDE for s in calls)
     assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+    assert (got_in_run - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+    if cpu_conv.packing_usable():
+        assert packed and all(s[-1] < cpu_conv.WINOGRAD_MIN_SIDE for s in packed)

@@ -333,7 +333,8 @@ class WinogradConv2d(torch.nn.Conv2d):
     inference calls on maps of at least WINOGRAD_MIN_SIDE a side and WINOGRAD_MIN_TILES tiles run `winograd_conv3x3`
     with kernels transformed per call, where it measured faster than PyTorch's convolution for that shape (`_measure`);
     smaller calls inside a node run take oneDNN with the weight packed once per run and shape (`_Scratch.packed`),
-    likewise where that measured faster. Identical parameters and keys; nothing kept between runs but those choices."""
+    likewise where that measured faster. Identical parameters and keys; nothing kept between runs but those choices
+    (and the work buffers of calls made outside `scratch_released`)."""
 
     scratch: _Scratch | None = None
 

@@ -31,7 +31,7 @@ def tiled_apply(
     *,
     scale: float = 1,
     out_channels: int | None = None,
-    tile: int | None = None,
+    tile: int | tuple[int, int] | None = None,
     context: int = 16,
     blend: int = 16,
     align: int = 1,
@@ -43,7 +43,8 @@ def tiled_apply(
     progress: str | None = "tiles",
     max_retries: int = 4,
 ) -> torch.Tensor:  # [B,C',H*scale,W*scale] float32 on x.device
-    """Apply `fn` ([N,C,h,w] -> [N,C',h*scale,w*scale]) to `x` tile by tile. See the module docstring."""
+    """Apply `fn` ([N,C,h,w] -> [N,C',h*scale,w*scale]) to `x` tile by tile. See the module docstring. `tile`: a
+    side, or (height, width) for rectangular tiles (`plan_tiles`)."""
     if x.ndim != 4:
         raise InputError(f"tiled_apply: expected a [B,C,H,W] tensor, got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
@@ -56,25 +57,26 @@ def tiled_apply(
     H, W = x.shape[-2:]
     if tile is None:
         tile = fit_side(H, W, bytes_per_pixel, budget_bytes, align, dtype)
+    th, tw = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
     batch = max(1, max_batch)
-    attempts: list[int] = []
+    attempts: list[str] = []
     for _ in range(max_retries + 1):
-        tile = _fit_tile(tile, context, blend, align)
-        attempts.append(tile)
+        th, tw = _fit_tile(th, context, blend, align), _fit_tile(tw, context, blend, align)
+        attempts.append(f"{th}px" if th == tw else f"{th}x{tw}px")
         try:
-            return _tiled(fn, x, scale, out_channels, tile, context, blend, align, batch, device, dtype, progress)
+            return _tiled(fn, x, scale, out_channels, (th, tw), context, blend, align, batch, device, dtype, progress)
         except Exception as e:  # noqa: BLE001 (only out-of-memory is retried)
             if not host.is_oom(e):
                 raise
-            log.warning("out of memory with %dpx tiles (batch %d); retrying smaller", tile, batch)
+            log.warning("out of memory with %s tiles (batch %d); retrying smaller", attempts[-1], batch)
             host.empty_cache()
             if batch > 1:
                 batch = 1
             else:
-                tile //= 2
+                th, tw = th // 2, tw // 2
     raise TilingError(
-        f"out of memory at every tile size tried ({', '.join(f'{t}px' for t in attempts)}); "
-        f"last tile {attempts[-1]}px with context {context}px. Free memory or lower the tile size by hand."
+        f"out of memory at every tile size tried ({', '.join(attempts)}); "
+        f"last tile {attempts[-1]} with context {context}px. Free memory or lower the tile size by hand."
     )
 
 
@@ -90,8 +92,8 @@ def _tiled(fn, x, scale, out_channels, tile, context, blend, align, batch, devic
     if pad_h or pad_w:
         x = pad_to(x, H + pad_h, W + pad_w)
     Hp, Wp = x.shape[-2:]
-    ys, th = _starts(Hp, tile, 2 * context + blend, align)
-    xs, tw = _starts(Wp, tile, 2 * context + blend, align)
+    ys, th = _starts(Hp, tile[0], 2 * context + blend, align)
+    xs, tw = _starts(Wp, tile[1], 2 * context + blend, align)
     oh, ow = round(Hp * scale), round(Wp * scale)
     wy = _axis_weights(ys, th, Hp, context, scale, oh)  # [n_y, oh] per tile along y
     wx = _axis_weights(xs, tw, Wp, context, scale, ow)
@@ -182,6 +184,41 @@ def even_tile(lengths: tuple[int, ...], max_tile: int, overlap: int, align: int 
         t = math.ceil((L + (n - 1) * overlap) / n)
         best = max(best, min(side, math.ceil(t / align) * align))
     return best
+
+
+def plan_tiles(H: int, W: int, max_pixels: float, overlap: int, align: int = 1,
+               width_cost: Callable[[int], float] = lambda w: 1.0) -> tuple[int, int]:
+    """Rectangular tiles (height, width), multiples of align, of at most `max_pixels` each, covering H x W with
+    `overlap` between neighbours at the least cost: the pixels all tiles compute, each weighted by `width_cost(tile
+    width)` (e.g. a convolution library that runs rows of some widths faster). Every column count is tried, each with
+    its even width and, where `width_cost` prefers it, that width rounded up; rows then take what the width leaves."""
+    def even(length: int, n: int) -> int:  # the side n tiles need to cover length
+        return length if n == 1 else min(length, math.ceil((length + (n - 1) * overlap) / n / align) * align)
+
+    def count(length: int, side: int) -> int:
+        return 1 if length <= side else math.ceil((length - overlap) / (side - overlap))
+
+    smallest = 2 * overlap + align
+    best: tuple[float, int, int] | None = None
+    for nx in range(1, max(1, W // max(1, overlap)) + 2):
+        base = even(W, nx)
+        if nx > 1 and base < smallest:
+            break
+        widths = {base} | {w for w in range(base, min(W, base + 64) + 1, align) if width_cost(w) < width_cost(base)}
+        for tw in sorted(widths):
+            rows = int(max_pixels // tw) // align * align
+            if rows >= H:
+                th = H
+            elif rows < smallest:
+                continue
+            else:
+                th = even(H, count(H, rows))
+            cost = count(H, th) * count(W, tw) * th * tw * width_cost(tw)
+            if best is None or cost < best[0]:
+                best = (cost, th, tw)
+    if best is None:  # nothing fits max_pixels: square tiles of the smallest workable side
+        return smallest, smallest
+    return best[1], best[2]
 
 
 def conv_receptive_radius(seq: torch.nn.Module) -> float:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from atelier.models import budget, tiling
+from atelier.models import budget, cpu_conv, tiling
 from atelier.models.errors import InputError, TilingError
 
 
@@ -20,13 +20,14 @@ def _net(cin: int, cout: int, depth: int, up: int = 1) -> nn.Module:
 
 @pytest.mark.parametrize("channels", [1, 3, 4])
 @pytest.mark.parametrize("up", [1, 2, 3])
-def test_tiled_equals_untiled(channels, up):
+@pytest.mark.parametrize("tile", [48, (40, 64), (97, 44)])
+def test_tiled_equals_untiled(channels, up, tile):
     depth = 6
     net = _net(channels, channels, depth, up)
-    x = torch.rand(2, channels, 97, 131)  # odd sizes
+    x = torch.rand(2, channels, 97, 131)  # odd sizes; square tiles, wide ones, full-height strips
     with torch.no_grad():
         ref = net(x)
-        out = tiling.tiled_apply(net, x, scale=up, tile=48, context=depth, blend=8, max_batch=3, progress=None)
+        out = tiling.tiled_apply(net, x, scale=up, tile=tile, context=depth, blend=8, max_batch=3, progress=None)
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() <= 1 / 255 / 100  # far inside the 1/255 goal: float rounding only
 
@@ -109,3 +110,34 @@ def test_auto_tile_from_budget():
     assert budget.fit_side(300, 200, None, None) == 300  # fits: whole image
     side = budget.fit_side(4096, 4096, bytes_per_pixel=1024, budget_bytes=256 << 20)
     assert side == 512  # 256 MiB / 1 KiB per pixel = 512^2 pixels
+
+
+def _covers(length: int, side: int, overlap: int) -> int:
+    """Tiles of `side` the engine lays along `length` with `overlap` (its own `_starts`)."""
+    starts, size = tiling._starts(length, side, overlap, 1)
+    assert size == min(side, length) and starts[0] == 0 and starts[-1] + size == length
+    assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))
+    return len(starts)
+
+
+@pytest.mark.parametrize("H,W", [(512, 512), (1024, 1024), (768, 512), (300, 2000), (1000, 333), (200, 150)])
+def test_plan_tiles_stays_under_the_pixel_cap_and_weighs_row_widths(H, W):
+    """plan_tiles keeps every tile within max_pixels and within the image, its tiles cover it with the overlap, and
+    no other column count or width (checked by brute force) costs less under the same width cost; with NNPACK's
+    width cost a 512^2 image goes in full-width strips, with a flat cost in the fewest pixels (four 276^2 tiles)."""
+    cap, overlap = 96 * 1024, 40
+    for cost in (cpu_conv.nnpack_width_cost, lambda w: 1.0):
+        th, tw = tiling.plan_tiles(H, W, cap, overlap, 1, cost)
+        assert th * tw <= cap and th <= H and tw <= W
+        total = _covers(H, th, overlap) * _covers(W, tw, overlap) * th * tw * cost(tw)
+        for w in range(2 * overlap + 1, W + 1):  # every width, each with the tallest rows the cap allows
+            rows = min(H, cap // w)
+            if rows < 2 * overlap + 1 and rows < H:
+                continue
+            n = _covers(H, rows, overlap)
+            h = H if n == 1 else -(-(H + (n - 1) * overlap) // n)
+            assert _covers(H, h, overlap) * _covers(W, w, overlap) * h * w * cost(w) >= total * (1 - 1e-9) - 1e-6 \
+                or w * h > cap
+    assert tiling.plan_tiles(512, 512, cap, overlap, 1, cpu_conv.nnpack_width_cost) == (158, 512)
+    assert tiling.plan_tiles(512, 512, cap, overlap, 1) == (276, 276)
+    assert tiling.plan_tiles(200, 150, cap, overlap, 1) == (200, 150)  # fits: one call

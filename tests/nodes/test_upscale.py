@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import spandrel  # a runtime dependency of the pack: missing is a failure, not a skip
 
-from atelier.models import host  # noqa: E402
+from atelier.models import cpu_conv, host  # noqa: E402
 from atelier.models.errors import AtelierError, InputError, UnknownModelError, WrongFamilyError  # noqa: E402
 from atelier.models.loading import read_state_dict  # noqa: E402
 from atelier.models.upscale import upscale as up  # noqa: E402
@@ -142,6 +142,28 @@ def test_tiled_equals_untiled(models, shared_dir, name, tile):
     hook.remove()
     assert len(calls) > 4  # really tiled
     assert out.shape == ref.shape and (out - ref).abs().max().item() <= SEAM_TOL
+
+
+def test_automatic_cpu_tiles_are_rectangles_and_equal_untiled(models, shared_dir):
+    """Above the CPU pixel cap the plan tiles by itself, in rectangles shaped for NNPACK's rows (tiling.plan_tiles:
+    full-width strips here), and the result still equals the untiled call."""
+    ref_model = _reference(shared_dir, "compact.pth")
+    x = torch.cat([_astronaut(208)] * 2, 3)[..., :, :400]  # [1,3,208,400]: 83 K pixels, scaled to the cap below
+    desc = models.load("compact.pth", "upscale_models")
+    cap = up.CPU_TILE_PIXELS * 64 / max(1, desc.extra.features)
+    x = torch.nn.functional.interpolate(x, size=(int(cap // 400) + 60, 400), mode="bilinear")
+    plan = up.tile_plan(desc, x.shape[2], x.shape[3], 1, torch.device("cpu"), torch.float32, None, models)
+    if cpu_conv.nnpack_usable():
+        assert plan.tile == (plan.tile[0], 400) and plan.tile[0] < x.shape[2]
+    with torch.inference_mode():
+        ref = ref_model(x)
+    calls = []
+    hook = desc.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = up.run_model(desc, x, manager=models)
+    finally:
+        hook.remove()
+    assert len(calls) >= 2 and out.shape == ref.shape and (out - ref).abs().max().item() <= SEAM_TOL
 
 
 def test_too_little_context_shows_seams(models, shared_dir):

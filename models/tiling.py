@@ -191,7 +191,7 @@ def plan_tiles(H: int, W: int, max_pixels: float, overlap: int, align: int = 1,
     """Rectangular tiles (height, width), multiples of align, of at most `max_pixels` each, covering H x W with
     `overlap` between neighbours at the least cost: the pixels all tiles compute, each weighted by `width_cost(tile
     width)` (e.g. a convolution library that runs rows of some widths faster). Every column count is tried, each with
-    its even width and, where `width_cost` prefers it, that width rounded up; rows then take what the width leaves."""
+    its even width and the widths up to 64 px wider that `width_cost` prefers; rows then take what the width leaves."""
     def even(length: int, n: int) -> int:  # the side n tiles need to cover length
         return length if n == 1 else min(length, math.ceil((length + (n - 1) * overlap) / n / align) * align)
 

@@ -5,8 +5,10 @@ input added back. Its convolutions go through NNPACK (models/cpu_conv.py), which
 other operator of a large tensor runs in PyTorch's OpenMP pool. On a machine with few cores the two pools fight:
 after each PReLU the OpenMP workers spin-wait for more work on the cores NNPACK's workers need next, 17 times per
 call. Here each PReLU runs in place as a per-channel leaky ReLU on pieces under PyTorch's parallel grain size
-(32768 elements), so it stays on the calling thread and the OpenMP pool sleeps through the convolutions. The
-result equals spandrel's forward up to NNPACK's rounding (tests/models/test_spandrel_arch.py).
+(32768 elements), so it stays on the calling thread and the OpenMP pool sleeps through the convolutions, and the
+input is added to the last convolution's output before the pixel shuffle, in place (no upsampled copy of the input,
+one large temporary fewer per call). The result equals spandrel's forward up to NNPACK's rounding
+(tests/models/test_spandrel_arch.py).
 
 `use_compact_path(model)` gives a Compact module this forward for single float32 CPU images without gradients (a
 subclass of its class with the same name, parameters and hooks; anything else runs spandrel's forward). The spandrel
@@ -29,7 +31,8 @@ def is_compact(model: torch.nn.Module) -> bool:
     """spandrel's SRVGGNetCompact with PReLU activations (the Real-ESRGAN Compact / animevideo models)."""
     body = getattr(model, "body", None)
     return (type(model).__name__ == "SRVGGNetCompact" and isinstance(body, torch.nn.ModuleList) and len(body) > 0
-            and hasattr(model, "upscale") and hasattr(model, "upsampler")
+            and isinstance(getattr(model, "upsampler", None), torch.nn.PixelShuffle)
+            and model.upsampler.upscale_factor == getattr(model, "upscale", None)
             and all(isinstance(m, (torch.nn.Conv2d, torch.nn.PReLU)) for m in body)
             and isinstance(body[0], torch.nn.Conv2d))
 
@@ -55,9 +58,10 @@ def cpu_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:  # [1,
             out = conv3x3(out, layer.weight, layer.bias, layer.padding)
         else:
             out = prelu_(out, layer.weight.tolist())
-    out = model.upsampler(out)  # [1,Cout,H*s,W*s]
-    out += F.interpolate(x, scale_factor=model.upscale, mode="nearest")
-    return out
+    # the nearest-upsampled input, added before the shuffle: each of a pixel's s*s sub-pixel channels gets its value
+    # (the same sums as spandrel's add after the shuffle, without an upsampled copy of the input)
+    out.unflatten(1, (x.shape[1], -1)).add_(x.unsqueeze(2))  # [1,Cout,s*s,H,W]
+    return model.upsampler(out)  # [1,Cout,H*s,W*s]
 
 
 def use_compact_path(model: torch.nn.Module) -> bool:

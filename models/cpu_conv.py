@@ -297,6 +297,11 @@ class _Scratch:
             self.bufs["packed_bytes"] = used + size
         return w
 
+    def unpack(self, layer: torch.nn.Conv2d, shape: tuple) -> None:
+        """Drop the layer's pack for `shape` and give its bytes back to the run's budget."""
+        if self.bufs.get("packed", {}).pop((id(layer), shape), None) is not None:
+            self.bufs["packed_bytes"] -= layer.weight.numel() * layer.weight.element_size()
+
     def release(self) -> None:
         self._local.bufs = {}
 
@@ -365,16 +370,17 @@ class WinogradConv2d(torch.nn.Conv2d):
             if self.scratch is None:  # a layer converted by hand: its own scratch, so its choices are remembered
                 self.scratch = _Scratch()
             scratch = self.scratch
+            key = (tuple(x.shape), tuple(w.shape), torch.get_num_threads())
+            faster = scratch.faster.get(key)
             if min(x.shape[2:]) >= WINOGRAD_MIN_SIDE \
                     and x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4) >= WINOGRAD_MIN_TILES:
                 fast = self._winograd
-            elif scratch.in_run and packing_usable() and scratch.packed(self, tuple(x.shape)) is not None:
+            elif faster is not False and scratch.in_run and packing_usable() \
+                    and scratch.packed(self, tuple(x.shape)) is not None:  # no pack for a shape it did not speed up
                 fast = self._packed
             else:
                 fast = None
             if fast is not None:
-                key = (tuple(x.shape), tuple(w.shape), torch.get_num_threads())
-                faster = scratch.faster.get(key)
                 if faster is None:
                     return self._measure(x, scratch, key, fast)
                 if faster:
@@ -403,6 +409,8 @@ class WinogradConv2d(torch.nn.Conv2d):
                 F.conv2d(x, self.weight, self.bias, padding=self.padding)
             best[use_fast] = min(best[use_fast], time.perf_counter() - t0)
         scratch.faster[key] = best[True] < best[False]
+        if fast == self._packed and not scratch.faster[key]:
+            scratch.unpack(self, tuple(x.shape))  # its budget goes to the shapes it speeds up
         return y
 
 

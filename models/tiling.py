@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from . import host
-from .budget import fit_side
+from .budget import fit_side, release_cpu_heap
 from .errors import InputError, TilingError
 from .image import pad_to
 from .progress import Progress
@@ -113,13 +113,16 @@ def _tiled(fn, x, scale, out_channels, tile, context, blend, align, batch, devic
             if single:
                 out = res if out is None else torch.cat([out, res])
             else:
-                if out is None:
-                    out = torch.zeros(B, out_channels or res.shape[1], oh, ow, dtype=torch.float32, device=x.device)
+                if out is None:  # channels last: the [B,H,W,C] IMAGE a node hands back is then a view, not a copy
+                    out = torch.zeros(B, oh, ow, out_channels or res.shape[1], dtype=torch.float32,
+                                      device=x.device).permute(0, 3, 1, 2)
                 _accumulate(out, res, group, ys, xs, wy, wx, scale)
             del res, inp
             bar.update()
     if not single:
         out /= (wy.sum(0)[:, None] * wx.sum(0)[None, :]).to(out.device)
+        if device.type == "cpu":
+            release_cpu_heap()  # the tiles' freed activations go back to the system, not kept after the node
     return out[..., : round(H * scale), : round(W * scale)]
 
 

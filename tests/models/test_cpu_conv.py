@@ -2,6 +2,8 @@
 layout, bias and grouping of images; its layers choose their calls, keep the state dict and never use stale kernels."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -221,3 +223,30 @@ def test_small_calls_pack_weights_only_inside_a_run_and_within_the_budget(monkey
         with cpu_conv.scratch_released(body):
             close(body(small), chain(small), rel=1e-4)
             assert ran == [1, 1] and scratch.bufs["packed_bytes"] == scratch.pack_budget
+
+
+@pytest.mark.skipif(not cpu_conv.packing_usable(), reason="this PyTorch build has no oneDNN packed convolution")
+def test_no_pack_is_kept_for_a_shape_it_did_not_speed_up(monkeypatch):
+    """A shape whose packed call measured slower gives its pack back at once (the budget goes to shapes it speeds
+    up), and later calls and runs of that shape make none; the results stay exact."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(*[torch.nn.Conv2d(64, 64, 3, padding=1) for _ in range(2)]).eval()
+    use_winograd(body)
+    scratch = body[0].scratch
+    scratch.pack_budget = 10 ** 9
+    packs = []
+    orig = cpu_conv.pack_weight
+    monkeypatch.setattr(cpu_conv, "pack_weight", lambda w, *a: packs.append(w.shape) or orig(w, *a))
+    orig_conv = cpu_conv.packed_conv
+    monkeypatch.setattr(cpu_conv, "packed_conv", lambda *a: time.sleep(0.01) or orig_conv(*a))  # always slower
+    small = torch.randn(1, 64, 8, 8)
+    want = exact(exact(small, body[0].weight, body[0].bias), body[1].weight, body[1].bias)
+    with torch.inference_mode():
+        with cpu_conv.scratch_released(body):
+            # measured slower: the pack dropped; the second layer (same shapes) takes that choice and packs nothing
+            close(body(small), want, rel=1e-4)
+            assert len(packs) == 1 and scratch.bufs["packed_bytes"] == 0 and not scratch.bufs["packed"]
+            close(body(small), want, rel=1e-4)
+        with cpu_conv.scratch_released(body):
+            close(body(small), want, rel=1e-4)
+    assert len(packs) == 1 and set(scratch.faster.values()) == {False}

@@ -60,8 +60,12 @@ def cpu_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:  # [1,
             out = prelu_(out, layer.weight.tolist())
     # the nearest-upsampled input, added before the shuffle: each of a pixel's s*s sub-pixel channels gets its value
     # (the same sums as spandrel's add after the shuffle, without an upsampled copy of the input)
-    out.unflatten(1, (x.shape[1], -1)).add_(x.unsqueeze(2))  # [1,Cout,s*s,H,W]
-    return model.upsampler(out)  # [1,Cout,H*s,W*s]
+    N, c, H, W, s = x.shape[0], x.shape[1], out.shape[2], out.shape[3], int(model.upscale)
+    out.unflatten(1, (c, -1)).add_(x.unsqueeze(2))  # [1,Cout,s*s,H,W]
+    # the pixel shuffle, written channels last: the [1,H*s,W*s,Cout] IMAGE a node makes of it is a view, not a copy
+    y = torch.empty(N, H * s, W * s, c, dtype=out.dtype)
+    y.view(N, H, s, W, s, c).copy_(out.unflatten(1, (c, s, s)).permute(0, 4, 2, 5, 3, 1))
+    return y.permute(0, 3, 1, 2)  # [1,Cout,H*s,W*s]
 
 
 def use_compact_path(model: torch.nn.Module) -> bool:

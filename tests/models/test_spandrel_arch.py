@@ -203,6 +203,7 @@ def test_nnpack_convolutions_match_pytorch(real, monkeypatch):
         layers = type(ref.model).forward(desc.model, x).clamp_(0, 1)  # the NNPACK layers, spandrel's forward
     assert calls == [(1, 3, 37, 45)] and type(desc.model).__name__ == type(ref.model).__name__
     assert (out - want).abs().max().item() < 1e-3 / 255 * 10
+    assert out.movedim(1, -1).is_contiguous()  # written channels last: the node's IMAGE is a view of it
     assert (layers - want).abs().max().item() < 1e-3 / 255 * 10
 
 

@@ -386,18 +386,9 @@ def _return_heap_later(delay_s: float = 1.0) -> None:
     """Once a released model is collected, hand the freed heap back to the system (glibc keeps freed blocks of the
     many mid-sized weight tensors in its arenas: measured, a 307 MB ESRGAN left RSS 312 MB up until `malloc_trim`).
     Deferred: the weakref callback runs before the module's tensors are actually freed."""
-    timer = threading.Timer(delay_s, _malloc_trim)
+    timer = threading.Timer(delay_s, budget.release_cpu_heap)
     timer.daemon = True
     timer.start()
-
-
-def _malloc_trim() -> None:
-    try:
-        import ctypes  # noqa: PLC0415
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows, musl): their allocators return memory themselves
-        pass
 
 
 def _check_family(desc: ModelDescriptor, family: str | tuple[str, ...] | None, name: str) -> None:

@@ -59,7 +59,8 @@ MIN_CALL_PIXELS = 1024
 # `nnpack_width_cost` when it plans CPU tiles (models/upscale/upscale.tile_plan). Compact x4 through `tiled_apply`,
 # interleaved medians: 1024^2 in 204x368 tiles 5.97 s against 6.39 s in 286x286 (with a busy process beside, 237x368
 # 10.67 against 11.18 s); 512^2 in four 158x512 strips 1.55 / 1.42 s against 1.70 / 1.43 s in 276x276 (two runs), but
-# those strips are larger calls (81 K pixels, more NNPACK workspace), so the planner keeps the squares' call size.
+# those strips are larger calls (81 K pixels, more NNPACK workspace), so the planner keeps the squares' call size
+# there; only where the output outweighs the memory they add does it take larger calls (upscale.CPU_REUSE_PIXELS).
 NNPACK_ROW_PX = 40
 NNPACK_ROW_FLOATS = 16
 NNPACK_UNALIGNED_COST = 1.03
@@ -68,6 +69,13 @@ NNPACK_UNALIGNED_COST = 1.03
 def nnpack_width_cost(width: int) -> float:
     """Relative cost per pixel of NNPACK calls on rows `width` pixels wide."""
     return (1 + NNPACK_ROW_PX / width) * (1.0 if width % NNPACK_ROW_FLOATS == 0 else NNPACK_UNALIGNED_COST)
+
+
+def nnpack_workspace_bytes(channels_in: int, channels_out: int, pixels: float) -> float:
+    """NNPACK's work buffers for one F(6x6, 3x3) call on `pixels` (PyTorch keeps the largest it needed): the input
+    and output transforms, 64 floats per 6x6 output tile and channel. Measured at 64 channels: +60 MB after a 256^2
+    call, +87 MB after 310^2."""
+    return (channels_in + channels_out) * pixels * 64 / 36 * 4
 
 
 @functools.lru_cache(maxsize=1)

@@ -166,6 +166,26 @@ def test_automatic_cpu_tiles_are_rectangles_and_equal_untiled(models, shared_dir
     assert len(calls) >= 2 and out.shape == ref.shape and (out - ref).abs().max().item() <= SEAM_TOL
 
 
+@pytest.mark.skipif(not cpu_conv.nnpack_usable(), reason="this PyTorch build has no working NNPACK")
+def test_larger_cpu_calls_only_where_the_output_outweighs_them(models):
+    """Automatic CPU tiles stay within the squares' call size while the memory larger calls would add is more than
+    half the output; beyond that (large images) calls grow up to CPU_REUSE_PIXELS, never past it, so every 64-channel
+    activation stays under glibc's 32 MiB reuse threshold."""
+    desc = models.load("compact.pth", "upscale_models")
+    f = desc.extra.features
+    reuse = up.CPU_REUSE_PIXELS * 64 / f
+    assert up.CPU_REUSE_PIXELS * 64 * 4 < 32 << 20
+    sizes = {}
+    for side in (2, 3, 4, 6, 8):  # multiples of the small-call cap's side
+        n = int(side * (up.CPU_TILE_PIXELS * 64 / f) ** 0.5)
+        plan = up.tile_plan(desc, n, n, 1, torch.device("cpu"), torch.float32, None, models)
+        th, tw = plan.tile if isinstance(plan.tile, tuple) else (plan.tile, plan.tile)
+        sizes[side] = th * tw
+        assert th * tw <= reuse
+    assert sizes[2] <= up.CPU_TILE_PIXELS * 64 / f  # 4x the cap: the output is small next to larger calls
+    assert sizes[8] > up.CPU_TILE_PIXELS * 64 / f  # 64x: larger calls
+
+
 def test_too_little_context_shows_seams(models, shared_dir):
     """The seam check can fail: the same tiles with the context cut to 2 px differ visibly from untiled."""
     desc = models.load("compact.pth", "upscale_models")

@@ -116,5 +116,6 @@ def latent_in(latent: object, name: str = "samples") -> dict:
 
 
 def latent_out(samples: torch.Tensor, **extra) -> dict:
-    """A LATENT dict from samples [B,C,h,w] (plus any keys to carry, e.g. the pack's original image size)."""
-    return {"samples": samples, **{k: v for k, v in extra.items() if v is not None}}
+    """A LATENT dict from samples [B,C,h,w] (plus any keys to carry, e.g. the pack's original image size), contiguous
+    NCHW as core's nodes expect (the tiling engine accumulates channels last)."""
+    return {"samples": samples.contiguous(), **{k: v for k, v in extra.items() if v is not None}}

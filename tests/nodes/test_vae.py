@@ -12,6 +12,7 @@ import torch
 import helpers_mnist  # tests/ is on pytest's pythonpath
 from atelier.models.errors import InputError
 from atelier.models.vae import codec
+from atelier.nodes.common import latent_out
 from atelier.nodes.vae import (AtelierLatentInterpolate, AtelierLoadVAE, AtelierVAEDecode, AtelierVAEEncode,
                                AtelierVAESample)
 
@@ -51,6 +52,8 @@ def test_taef2_round_trip_through_the_nodes_keeps_odd_sizes(models):
     image = _image(100, 75)  # not multiples of 8
     latent = AtelierVAEEncode().encode(vae, image, "mean", 0)[0]
     assert latent["samples"].shape == (1, 32, 13, 10) and latent["atelier_image_size"] == [100, 75]
+    strided = torch.randn(1, 13, 10, 32).permute(0, 3, 1, 2)  # channels last, as the tiling engine accumulates
+    assert latent_out(strided)["samples"].is_contiguous() and torch.equal(latent_out(strided)["samples"], strided)
     out = AtelierVAEDecode().decode(vae, latent)[0]
     assert out.shape == image.shape and out.dtype == torch.float32
     psnr = (10 * torch.log10(1 / ((out - image) ** 2).mean())).item()

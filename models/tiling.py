@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from . import host
-from .budget import fit_side, release_cpu_heap
+from .budget import fit_side
 from .errors import InputError, TilingError
 from .image import pad_to
 from .progress import Progress
@@ -121,8 +121,6 @@ def _tiled(fn, x, scale, out_channels, tile, context, blend, align, batch, devic
             bar.update()
     if not single:
         out /= (wy.sum(0)[:, None] * wx.sum(0)[None, :]).to(out.device)
-        if device.type == "cpu":
-            release_cpu_heap()  # the tiles' freed activations go back to the system, not kept after the node
     return out[..., : round(H * scale), : round(W * scale)]
 
 

@@ -136,12 +136,17 @@ def _starts(length: int, tile: int, overlap: int, align: int) -> tuple[list[int]
     """Evenly spread tile starts (multiples of align) covering [0,length) with at least `overlap` between tiles."""
     if length <= tile:
         return [0], length
-    n = math.ceil((length - overlap) / (tile - overlap))
+    n = _tile_count(length, tile, overlap)
     span = length - tile
     starts = sorted({min(span, round(i * span / (n - 1) / align) * align) for i in range(n)})
     if starts[-1] != span:  # span is a multiple of align because length and tile are
         starts.append(span)
     return starts, tile
+
+
+def _tile_count(length: int, side: int, overlap: int) -> int:
+    """How many tiles of `side` overlapping by `overlap` cover `length`."""
+    return 1 if length <= side else math.ceil((length - overlap) / (side - overlap))
 
 
 def _axis_weights(starts: list[int], size: int, length: int, context: int, scale: float, out_len: int) -> torch.Tensor:
@@ -181,7 +186,7 @@ def even_tile(lengths: tuple[int, ...], max_tile: int, overlap: int, align: int 
         if L <= side:
             best = max(best, L)
             continue
-        n = math.ceil((L - overlap) / (side - overlap))
+        n = _tile_count(L, side, overlap)
         t = math.ceil((L + (n - 1) * overlap) / n)
         best = max(best, min(side, math.ceil(t / align) * align))
     return best
@@ -195,9 +200,6 @@ def plan_tiles(H: int, W: int, max_pixels: float, overlap: int, align: int = 1,
     its even width and the widths up to 64 px wider that `width_cost` prefers; rows then take what the width leaves."""
     def even(length: int, n: int) -> int:  # the side n tiles need to cover length
         return length if n == 1 else min(length, math.ceil((length + (n - 1) * overlap) / n / align) * align)
-
-    def count(length: int, side: int) -> int:
-        return 1 if length <= side else math.ceil((length - overlap) / (side - overlap))
 
     smallest = 2 * overlap + align
     best: tuple[float, int, int] | None = None
@@ -213,8 +215,8 @@ def plan_tiles(H: int, W: int, max_pixels: float, overlap: int, align: int = 1,
             elif rows < smallest:
                 continue
             else:
-                th = even(H, count(H, rows))
-            cost = count(H, th) * count(W, tw) * th * tw * width_cost(tw)
+                th = even(H, _tile_count(H, rows, overlap))
+            cost = _tile_count(H, th, overlap) * _tile_count(W, tw, overlap) * th * tw * width_cost(tw)
             if best is None or cost < best[0]:
                 best = (cost, th, tw)
     if best is None:  # nothing fits max_pixels: square tiles of the smallest workable side

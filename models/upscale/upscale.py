@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 MAX_PASSES = 4  # model passes one call may chain (x4 model: up to x256)
 ALPHA_MODES = ("resize", "model")
 # Input pixels per call on the CPU for a 64-feature local model (scaled by 64/features): NNPACK's throughput per call
-# falls beyond about 300^2 (353 GFLOP/s at 256^2, 197 at 512^2 on one 64->64 layer, 2 threads) while each tile pays
-# 2*18+4 px of context per axis (Compact), so tiles of up to ~310^2 pixels, shaped by `tiling.plan_tiles` for the row
-# widths NNPACK runs fastest (`cpu_conv.nnpack_width_cost`). A constant measured once (README, "Why the upscale
-# figures moved"), not a function of the machine's load.
+# falls beyond about 362^2 (353 GFLOP/s at 256^2, 197 at 512^2 on one 64->64 layer, 2 threads: activations over
+# glibc's 32 MiB threshold come as fresh pages; CPU_REUSE_PIXELS below) and its workspace grows with the call, while
+# each tile pays 2*18+4 px of context per axis (Compact), so tiles of up to ~310^2 pixels, shaped by
+# `tiling.plan_tiles` for the row widths NNPACK runs fastest (`cpu_conv.nnpack_width_cost`). A constant measured once
+# (README, "Why the upscale figures moved"), not a function of the machine's load.
 CPU_TILE_PIXELS = 96 * 1024
 # Larger CPU calls, for images whose output outweighs the memory they add: the most input pixels whose 64-channel
 # activations stay under glibc's 32 MiB mmap threshold, so that their memory is reused, not fresh pages every layer
@@ -301,7 +302,7 @@ def tile_plan(desc: ModelDescriptor, H: int, W: int, batch: int, device: torch.d
     context = int(desc.receptive_field or 0)
     exact = facts.exact
     blend = 4 if exact else max(16, context // 2)
-    bpp = scaled_bpp(desc.bytes_per_pixel, dtype)  # NNPACK's banded workspace is bounded: not counted
+    bpp = scaled_bpp(desc.bytes_per_pixel, dtype)  # activations only: NNPACK's workspace is nnpack_workspace_bytes
     budget = manager.activation_budget(desc)
     if tile:
         max_pixels = float(tile * tile)

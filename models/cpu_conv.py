@@ -173,9 +173,11 @@ def use_nnpack_alone(model: torch.nn.Module, device: torch.device) -> bool:
 # A^T [(G g G^T) * (B^T d B)] A: 36 products per tile and channel pair instead of 144, done as 36 matrix products
 # [tiles, Cin] @ [Cin, Cout] (torch.bmm: PyTorch's BLAS in PyTorch's own pool, no second pool to fight). Points
 # 0, +-1, +-2 and infinity; error about 1e-5 of the output's scale in float32. Measured on 2 threads against oneDNN
-# channels-last, with the kernels' transform (ms): [16,256,16,16] 12.8-15.0 against 20.3-20.9, [16,128,32,32]
-# 17.8-18.2 against 21.9-22.4, [16,384,32,32] to 128 channels 43.6-47.2 against 62.4-65.6, [1,128,32,32] 1.27-1.29
-# against 1.37-1.40; [1,256,16,16] (16 tiles) 1.98-2.21 against 1.40-1.46, hence WINOGRAD_MIN_TILES.
+# channels-last, with the kernels' transform, interleaved medians of 12, two runs (ms): [16,128,32,32] 16.2 / 23.2
+# against 21.4 / 23.1, [16,256,16,16] 13.3 / 17.7 against 21.3 / 20.5, [16,256,32,32] to 128 channels 27.6 / 28.7
+# against 42.5 / 43.7, [1,128,32,32] 0.97 / 1.05 against 1.42 / 1.58; [1,256,16,16] (16 tiles) 1.53 / 2.29
+# against 1.74 / 2.13, hence WINOGRAD_MIN_TILES (such calls take packed oneDNN weights, below). Of a
+# [14,128,32,32] call's 14 ms, the 36 products take 7.3 and the transforms and copies the rest.
 _BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
                     [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
 _G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -186,18 +188,20 @@ _AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0]
 # leave them in, below): [36, 9] with vec((G g G^T)^T) = _KG vec(g), as kron(G, G) acts on vec(g^T).
 _KG = torch.kron(_G, _G).view(36, 3, 3).transpose(1, 2).reshape(36, 9)
 # Which calls (measured on 2 threads, bench/unet_forward.py): Winograd on maps of at least WINOGRAD_MIN_SIDE a side,
-# with at least WINOGRAD_MIN_TILES 4x4 output tiles per call and WINOGRAD_MIN_CHANNELS on both sides; everything
-# else takes PyTorch's convolution. Smaller maps are a UNet's deep levels: one to four tiles per image and wide
-# kernels, little to gain. The transformed kernels (4x the weight) are made per call into scratch, never kept: at 64
-# tiles that costs about a fifth of the call, below it the call loses to oneDNN. Keeping them would make batch 1
-# faster (the CIFAR-10 DDPM UNet's forward 0.75 of diffusers' instead of 0.81, interleaved medians) but cost up to
-# 4x the weights: with 1.5x kept, an ADM's peak went to 1.43x guided-diffusion's. Calls are cut into groups of
-# images so that each work buffer stays under WINOGRAD_SCRATCH floats: the scratch is all the extra memory (smaller
-# groups were slower: 1 M floats 1.2x the time at batch 16). Which way a shape runs is measured on its first call
-# (`WinogradConv2d._measure`). On this 2-core VM the path's speed comes in phases: for seconds at a time, with
-# nothing else of ours running, its transforms (memory-bound, seven parallel regions per call) run ~35 % slower
-# while oneDNN's direct convolution does not (a noisy neighbour on the memory system, we think): the CIFAR-10 UNet
-# at batch 16 then takes 0.95 of diffusers' time instead of 0.71, against oneDNN's 0.92.
+# with at least WINOGRAD_MIN_TILES 4x4 output tiles per call and WINOGRAD_MIN_CHANNELS on both sides; everything else
+# takes PyTorch's convolution. Smaller maps are a UNet's deep levels: one to four tiles per image and wide kernels,
+# little to gain. The transformed kernels (4x the weight) are made per call into scratch, never kept: at 64 tiles that
+# costs about a fifth of the call, below it the call loses to oneDNN. Keeping them would make batch 1 faster (the
+# CIFAR-10 DDPM UNet's forward 0.75 of diffusers' instead of 0.81, interleaved medians) but cost up to 4x the weights:
+# with 1.5x kept, an ADM's peak went to 1.43x guided-diffusion's. Calls are cut into groups of images so that each work
+# buffer stays under WINOGRAD_SCRATCH floats: the scratch is all the extra memory. Which way a shape runs is measured on
+# its first call (`WinogradConv2d._measure`). On this 2-core VM the path's speed comes in phases: for seconds at a time,
+# with nothing else of ours running, its transforms (memory-bound, seven parallel regions per call) run slower while
+# oneDNN's direct convolution does not (a noisy neighbour on the memory system, we think). Before the transforms'
+# outer-axis products became strided bmm (`_winograd_tiles`), the CIFAR-10 UNet at batch 16 then took 0.91-0.95 of
+# diffusers' time instead of 0.70-0.72; since, 0.77-0.81 in the same windows (interleaved forwards, one process). With
+# the faster transforms, 1 M-float buffers were faster in the good phase (0.65-0.69 against 0.70) and slower in the slow
+# one (0.88 against 0.79), so the buffers stay at 4 M floats.
 WINOGRAD_MIN_SIDE = 16
 WINOGRAD_MIN_TILES = 64
 WINOGRAD_MIN_CHANNELS = 64
@@ -205,13 +209,16 @@ WINOGRAD_SCRATCH = 4 << 20  # floats per work buffer (16 MB)
 
 
 def winograd_kernels(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[Cout,Cin,3,3] -> the transformed kernels G g G^T as [36, Cin, Cout] float32, into `out` (a buffer of at least
-    36*Cin*Cout floats) where given; returned as a transposed view, which the products read as it is."""
+    """[Cout,Cin,3,3] -> the transformed kernels G g G^T as [36, Cin, Cout] float32 (the 36 in _KG's order), into
+    `out` (a buffer of at least 36*Cin*Cout floats) where given; returned as a permuted view of a [Cout, 36, Cin]
+    buffer, which the products read as it is. One [36, 9] @ [9, Cin] product per output channel: a single torch.mm
+    [36, 9] @ [9, Cin*Cout] took 1.5x as long alone and, in the CIFAR-10 UNet at batch 16, cost 4-7 % of the
+    forward more (interleaved medians)."""
     K, C = weight.shape[:2]
     u = torch.empty(36 * K * C, dtype=torch.float32, device=weight.device) if out is None else out[:36 * K * C]
-    torch.mm(_KG.to(device=weight.device, dtype=torch.float32), weight.detach().reshape(K * C, 9).T,
-             out=u.view(36, K * C))
-    return u.view(36, K, C).transpose(1, 2)
+    kg = _KG.to(device=weight.device, dtype=torch.float32)
+    torch.bmm(kg.expand(K, 36, 9), weight.detach().reshape(K, C, 9).transpose(1, 2), out=u.view(K, 36, C))
+    return u.view(K, 36, C).permute(1, 2, 0)
 
 
 # Small calls (fewer than WINOGRAD_MIN_TILES tiles: a UNet's deep levels at small batches) stay with oneDNN, which

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Iterator
 
 import torch
@@ -12,6 +13,7 @@ from . import host
 log = logging.getLogger(__name__)
 
 _SETTINGS = {"bars": None}  # None: tqdm decides (shown on a terminal); True: always; False: never
+_OPEN = threading.local()  # enabled bars open on this thread (`no_bar_open`)
 
 
 def show_bars(show: bool | None) -> None:
@@ -31,6 +33,8 @@ class Progress:
     def __init__(self, total: int, desc: str = "", *, enabled: bool = True) -> None:
         self.total = max(1, int(total))
         self.value = 0
+        self._enabled = enabled
+        self._counted = False
         self._comfy = host.progress_bar(self.total) if enabled else None
         self._tqdm = None
         show = _SETTINGS["bars"]
@@ -41,6 +45,9 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         host.throw_if_interrupted()
+        if self._enabled:
+            _OPEN.n = getattr(_OPEN, "n", 0) + 1
+            self._counted = True
         return self
 
     @property
@@ -69,9 +76,18 @@ class Progress:
         if self._tqdm is not None:
             self._tqdm.close()
             self._tqdm = None
+        if self._counted:
+            _OPEN.n -= 1
+            self._counted = False
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def no_bar_open() -> bool:
+    """No enabled bar is open on this thread: an inner loop (Compact's strips inside one upscale call) may show its
+    own; inside a loop that shows one (the tiles), it stays quiet instead of fighting over the node's bar."""
+    return getattr(_OPEN, "n", 0) == 0
 
 
 def _check(_module: torch.nn.Module, _args: object) -> None:

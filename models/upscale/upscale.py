@@ -8,7 +8,9 @@ Every model pass goes through the shared tiling engine with the model's receptiv
 "local" models equal the untiled result; "global" models run whole unless memory forces tiles) under the manager
 (placement, fp16/bf16 on GPU where allowed with a float32 recompute on NaN/Inf). On the CPU in float32 the 3x3
 convolutions run through NNPACK's Winograd kernels (models/cpu_conv.py, set up once at load by the spandrel
-adapter) and tiles are sized to stay in cache. Threads: the process's setting (ComfyUI's or the CLI's); nothing
+adapter) and tiles are sized to stay in cache; Compact models instead run a large image whole, in row strips that
+exchange one halo row per layer (models/compact_cpu.py), so no tile context is recomputed: one call up to the CPU call
+budget (budget.CPU_CALL_BYTES), tiles only beyond it. Threads: the process's setting (ComfyUI's or the CLI's); nothing
 here changes it.
 Alpha is split off and resized (or run through the model as a grey image); a greyscale model runs on each colour
 channel of an RGB image; an RGB model runs on a grey image replicated to RGB and its output is turned back to grey.
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import host
-from ..budget import REQUEST_SHARE, scaled_bpp
+from ..budget import REQUEST_SHARE, call_budget, scaled_bpp
+from ..compact_cpu import call_bytes_per_pixel
 from ..descriptor import ModelDescriptor
 from ..errors import InputError, MemoryBudgetError
 from ..manager import ModelManager, get_manager, placement
@@ -35,7 +38,8 @@ log = logging.getLogger(__name__)
 
 MAX_PASSES = 4  # model passes one call may chain (x4 model: up to x256)
 ALPHA_MODES = ("resize", "model")
-# Input pixels per call on the CPU for a 64-feature local model (scaled by 64/features): NNPACK's throughput per call
+# Input pixels per call on the CPU for a 64-feature local model (scaled by 64/features; not Compact, whose CPU path
+# runs strips, see above): NNPACK's throughput per call
 # falls beyond about 362^2 (353 GFLOP/s at 256^2, 197 at 512^2 on one 64->64 layer, 2 threads: activations over
 # glibc's 32 MiB threshold come as fresh pages; CPU_REUSE_PIXELS below) and its workspace grows with the call, while
 # each tile pays 2*18+4 px of context per axis (Compact), so tiles of up to ~310^2 pixels, shaped by
@@ -225,10 +229,21 @@ def _activation_bytes(desc: ModelDescriptor, device: torch.device, manager: Mode
     if manager.compute_device.type != device.type:
         return 0
     cap = manager.activation_budget(desc)
+    strips = _strip_bytes_per_pixel(desc, device, torch.float32)
+    if strips:  # what tile_plan allows: one call within the CPU call budget
+        return int(min(strips * pixels, call_budget(cap, device)))
     if device.type == "cpu" and desc.extra.scope == "local":
         tile_px = CPU_REUSE_PIXELS * 64 / max(1, desc.extra.features)  # the larger calls, where tile_plan takes them
         cap = min(cap, tile_px * scaled_bpp(desc.bytes_per_pixel))
     return int(min(scaled_bpp(desc.bytes_per_pixel) * pixels, cap))
+
+
+def _strip_bytes_per_pixel(desc: ModelDescriptor, device: torch.device, dtype: torch.dtype) -> float | None:
+    """Bytes per input pixel of one call of a model whose float32 CPU forward runs in strips (Compact's:
+    models/compact_cpu.py), None for other models, devices and dtypes."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    return call_bytes_per_pixel(desc.model)
 
 
 # ---------------------------------------------------------------- one model pass
@@ -304,8 +319,11 @@ def tile_plan(desc: ModelDescriptor, H: int, W: int, batch: int, device: torch.d
     blend = 4 if exact else max(16, context // 2)
     bpp = scaled_bpp(desc.bytes_per_pixel, dtype)  # activations only: NNPACK's workspace is nnpack_workspace_bytes
     budget = manager.activation_budget(desc)
+    strips = _strip_bytes_per_pixel(desc, device, dtype)
     if tile:
         max_pixels = float(tile * tile)
+    elif strips:  # Compact's CPU path runs any call in strips: one call as large as the memory policy allows
+        max_pixels = max(call_budget(budget, device) / strips, 1.0)
     else:
         max_pixels = max(budget / bpp, 1.0)
         if device.type == "cpu" and facts.scope == "local":
@@ -319,7 +337,7 @@ def tile_plan(desc: ModelDescriptor, H: int, W: int, batch: int, device: torch.d
     side = max(side // align * align, 2 * overlap + align)
     t: int | tuple[int, int] = even_tile((H, W), side, overlap, align)  # an axis that fits: one tile
     n = 1 if device.type == "cpu" else max(1, int(budget // max(bpp * t * t, 1.0)))
-    if device.type == "cpu" and facts.scope == "local" and not tile and nnpack_usable():
+    if device.type == "cpu" and facts.scope == "local" and not tile and not strips and nnpack_usable():
         # shaped for the rows NNPACK runs fastest, no larger calls than those squares (the same memory): at 512^2
         # four 276x276; where the output is more than twice what larger calls (CPU_REUSE_PIXELS) would add to the
         # tiles' activations and NNPACK's workspace, those: at 1024^2 ten 237x544 instead of eighteen 204x368

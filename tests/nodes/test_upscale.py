@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import spandrel  # a runtime dependency of the pack: missing is a failure, not a skip
 
-from atelier.models import cpu_conv, host  # noqa: E402
+from atelier.models import compact_cpu, cpu_conv, host  # noqa: E402
 from atelier.models.errors import AtelierError, InputError, UnknownModelError, WrongFamilyError  # noqa: E402
 from atelier.models.loading import read_state_dict  # noqa: E402
 from atelier.models.upscale import upscale as up  # noqa: E402
@@ -145,13 +145,15 @@ def test_tiled_equals_untiled(models, shared_dir, name, tile):
 
 
 def test_automatic_cpu_tiles_are_rectangles_and_equal_untiled(models, shared_dir):
-    """Above the CPU pixel cap the plan tiles by itself, in rectangles shaped for NNPACK's rows (tiling.plan_tiles:
-    full-width strips here), and the result still equals the untiled call."""
-    ref_model = _reference(shared_dir, "compact.pth")
-    x = torch.cat([_astronaut(208)] * 2, 3)[..., :, :400]  # [1,3,208,400]: 83 K pixels, scaled to the cap below
-    desc = models.load("compact.pth", "upscale_models")
+    """Above the CPU pixel cap the plan tiles a local model by itself (DnCNN: NNPACK layers in spandrel's forward),
+    in rectangles shaped for NNPACK's rows (tiling.plan_tiles: full-width strips here), and the result still equals
+    the untiled call."""
+    ref_model = _reference(shared_dir, "dncnn_25.pth")
+    desc = models.load("dncnn_25.pth", "upscale_models")
+    assert desc.extra.scope == "local" and compact_cpu.call_bytes_per_pixel(desc.model) is None
     cap = up.CPU_TILE_PIXELS * 64 / max(1, desc.extra.features)
-    x = torch.nn.functional.interpolate(x, size=(int(cap // 400) + 60, 400), mode="bilinear")
+    x = _astronaut(208).mean(1, keepdim=True)
+    x = torch.nn.functional.interpolate(x, size=(int(cap // 400) + 60, 400), mode="bilinear")  # [1,1,~300,400]
     plan = up.tile_plan(desc, x.shape[2], x.shape[3], 1, torch.device("cpu"), torch.float32, None, models)
     if cpu_conv.nnpack_usable():
         assert plan.tile == (plan.tile[0], 400) and plan.tile[0] < x.shape[2]
@@ -167,11 +169,13 @@ def test_automatic_cpu_tiles_are_rectangles_and_equal_untiled(models, shared_dir
 
 
 @pytest.mark.skipif(not cpu_conv.nnpack_usable(), reason="this PyTorch build has no working NNPACK")
-def test_larger_cpu_calls_only_where_the_output_outweighs_them(models):
+def test_larger_cpu_calls_only_where_the_output_outweighs_them(models, monkeypatch):
     """Automatic CPU tiles stay within the squares' call size while the memory larger calls would add is more than
     half the output; beyond that (large images) calls grow up to CPU_REUSE_PIXELS, never past it, so every 64-channel
-    activation stays under glibc's 32 MiB reuse threshold."""
+    activation stays under glibc's 32 MiB reuse threshold. (A 64-feature x4 local model without Compact's strips:
+    Compact with them switched off.)"""
     desc = models.load("compact.pth", "upscale_models")
+    monkeypatch.setattr(up, "_strip_bytes_per_pixel", lambda *a: None)
     f = desc.extra.features
     reuse = up.CPU_REUSE_PIXELS * 64 / f
     assert up.CPU_REUSE_PIXELS * 64 * 4 < 32 << 20
@@ -184,6 +188,55 @@ def test_larger_cpu_calls_only_where_the_output_outweighs_them(models):
         assert th * tw <= reuse
     assert sizes[2] <= up.CPU_TILE_PIXELS * 64 / f  # 4x the cap: the output is small next to larger calls
     assert sizes[8] > up.CPU_TILE_PIXELS * 64 / f  # 64x: larger calls
+
+
+@pytest.mark.skipif(not cpu_conv.nnpack_usable(), reason="this PyTorch build has no working NNPACK")
+def test_compact_runs_large_images_whole_in_strips(models, shared_dir):
+    """Compact on the CPU: a large image is one call (no tiles, no context recomputed), run in row strips inside
+    it (compact_cpu.strip_rows), and equals spandrel's whole-image forward; a pass never plans more than the CPU call
+    budget, so a larger image still tiles."""
+    from atelier.models import budget
+
+    ref_model = _reference(shared_dir, "compact.pth")
+    desc = models.load("compact.pth", "upscale_models")
+    per_px = compact_cpu.call_bytes_per_pixel(desc.model)
+    assert per_px == 4 * (64 + 3 * 16)
+    x = torch.nn.functional.interpolate(_astronaut(240), size=(301, 420), mode="bilinear")  # 126 K px: 4 strips
+    rows = compact_cpu.strip_rows(301, 420, desc.extra.features)
+    assert rows < 301 and 301 % rows != 0  # the last strip shorter, zero rows beyond the image
+    plan = up.tile_plan(desc, 301, 420, 1, torch.device("cpu"), torch.float32, None, models)
+    assert plan.tile == 420 and plan.context == 0  # one call
+    shapes = []
+    conv = compact_cpu.conv3x3
+    try:
+        compact_cpu.conv3x3 = lambda t, *a: shapes.append(tuple(t.shape)) or conv(t, *a)
+        out = up.run_model(desc, x, manager=models)
+    finally:
+        compact_cpu.conv3x3 = conv
+    with torch.inference_mode():
+        ref = ref_model(x)
+    assert set(shapes) == {(1, 3, rows + 2, 420), (1, 64, rows + 2, 420)}
+    assert len(shapes) == 18 * math.ceil(301 / rows)
+    assert out.shape == ref.shape and (out - ref).abs().max().item() <= 0.05 / 255
+    assert out.movedim(1, -1).is_contiguous()  # channels last: the node's IMAGE is a view
+    side = math.isqrt(int(budget.call_budget(models.activation_budget(desc), torch.device("cpu")) / per_px)) + 64
+    plan = up.tile_plan(desc, side, side, 1, torch.device("cpu"), torch.float32, None, models)
+    t = plan.tile if isinstance(plan.tile, int) else max(plan.tile)
+    assert t < side and plan.context == desc.receptive_field
+
+
+def test_compact_strip_rows():
+    """Strips: equal heights of about STRIP_PIXELS and about STRIP_MIN_ROWS rows at least where the image allows, every
+    strip's activation under glibc's reuse threshold; small images whole."""
+    assert compact_cpu.strip_rows(256, 256, 64) == 256
+    assert compact_cpu.strip_rows(512, 512, 64) == 64
+    assert compact_cpu.strip_rows(1024, 1024, 64) == 64
+    assert compact_cpu.strip_rows(512, 512, 32) == 128  # half the features: the same bytes per strip
+    for h, w in [(600, 600), (1000, 1000), (140, 900), (720, 1280), (1080, 1920), (100, 4096), (4096, 100)]:
+        r = compact_cpu.strip_rows(h, w, 64)
+        n = math.ceil(h / r)
+        assert 2 <= n and (n - 1) * r < h and r * w <= compact_cpu.STRIP_MAX_PIXELS
+        assert r >= 0.75 * compact_cpu.STRIP_MIN_ROWS or r * w > compact_cpu.STRIP_MAX_PIXELS / 2
 
 
 def test_too_little_context_shows_seams(models, shared_dir):
@@ -228,6 +281,45 @@ def test_progress_per_tile_and_interruption(models, monkeypatch):
     finally:
         hook.remove()
     assert updates == [1, 2, 3] and len(calls) == 3  # stopped between tiles, not at the end
+
+
+@pytest.mark.skipif(not cpu_conv.nnpack_usable(), reason="this PyTorch build has no working NNPACK")
+def test_one_stripped_call_shows_progress_per_layer_and_stops_inside(models, monkeypatch):
+    """A large image is one Compact call (strips): the node's bar advances per layer (18), and Cancel stops the call
+    between strips, long before its end; with tiles, only the tiles' bar shows (the test above)."""
+    class Interrupted(Exception):
+        pass
+
+    updates: list[tuple[int, int]] = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            updates.append((value, self.total))
+
+    monkeypatch.setattr(host, "progress_bar", lambda total: Bar(total))
+    model = _load("compact.pth")
+    image = torch.rand(1, 330, 400, 3)  # 132 K px: one call in strips
+    rows = compact_cpu.strip_rows(330, 400, 64)
+    assert rows < 330
+    _run(model, image)
+    assert updates == [(k, 18) for k in range(1, 19)]
+    checks = []
+
+    def check():
+        checks.append(1)
+        if len(checks) > 10:
+            raise Interrupted
+
+    monkeypatch.setattr(host, "throw_if_interrupted", check)
+    convs = []
+    conv = compact_cpu.conv3x3
+    monkeypatch.setattr(compact_cpu, "conv3x3", lambda t, *a: convs.append(1) or conv(t, *a))
+    with pytest.raises(Interrupted):
+        _run(model, image)
+    assert 0 < len(convs) < 18 * math.ceil(330 / rows) / 2  # stopped within the first layers' strips
 
 
 # ---------------------------------------------------------------- targets

@@ -39,12 +39,12 @@ log = logging.getLogger(__name__)
 MAX_PASSES = 4  # model passes one call may chain (x4 model: up to x256)
 ALPHA_MODES = ("resize", "model")
 # Input pixels per call on the CPU for a 64-feature local model (scaled by 64/features; not Compact, whose CPU path
-# runs strips, see above): NNPACK's throughput per call
-# falls beyond about 362^2 (353 GFLOP/s at 256^2, 197 at 512^2 on one 64->64 layer, 2 threads: activations over
-# glibc's 32 MiB threshold come as fresh pages; CPU_REUSE_PIXELS below) and its workspace grows with the call, while
-# each tile pays 2*18+4 px of context per axis (Compact), so tiles of up to ~310^2 pixels, shaped by
-# `tiling.plan_tiles` for the row widths NNPACK runs fastest (`cpu_conv.nnpack_width_cost`). A constant measured once
-# (README, "Why the upscale figures moved"), not a function of the machine's load.
+# runs strips, see above): NNPACK's throughput per call falls beyond about 362^2 (353 GFLOP/s at 256^2, 197 at 512^2
+# on one 64->64 layer, 2 threads: activations over glibc's 32 MiB threshold come as fresh pages; CPU_REUSE_PIXELS
+# below) and its workspace grows with the call, while each tile pays its context (2*18+4 px per axis for an 18-layer
+# network), so tiles of up to ~310^2 pixels, shaped by `tiling.plan_tiles` for the row widths NNPACK runs fastest
+# (`cpu_conv.nnpack_width_cost`). A constant measured once (README, "Why the upscale figures moved"), not a function
+# of the machine's load.
 CPU_TILE_PIXELS = 96 * 1024
 # Larger CPU calls, for images whose output outweighs the memory they add: the most input pixels whose 64-channel
 # activations stay under glibc's 32 MiB mmap threshold, so that their memory is reused, not fresh pages every layer

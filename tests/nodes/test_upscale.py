@@ -191,7 +191,7 @@ def test_larger_cpu_calls_only_where_the_output_outweighs_them(models, monkeypat
 
 
 @pytest.mark.skipif(not cpu_conv.nnpack_usable(), reason="this PyTorch build has no working NNPACK")
-def test_compact_runs_large_images_whole_in_strips(models, shared_dir):
+def test_compact_runs_large_images_whole_in_strips(models, shared_dir, monkeypatch):
     """Compact on the CPU: a large image is one call (no tiles, no context recomputed), run in row strips inside
     it (compact_cpu.strip_rows), and equals spandrel's whole-image forward; a pass never plans more than the CPU call
     budget, so a larger image still tiles."""
@@ -208,11 +208,8 @@ def test_compact_runs_large_images_whole_in_strips(models, shared_dir):
     assert plan.tile == 420 and plan.context == 0  # one call
     shapes = []
     conv = compact_cpu.conv3x3
-    try:
-        compact_cpu.conv3x3 = lambda t, *a: shapes.append(tuple(t.shape)) or conv(t, *a)
-        out = up.run_model(desc, x, manager=models)
-    finally:
-        compact_cpu.conv3x3 = conv
+    monkeypatch.setattr(compact_cpu, "conv3x3", lambda t, *a: shapes.append(tuple(t.shape)) or conv(t, *a))
+    out = up.run_model(desc, x, manager=models)
     with torch.inference_mode():
         ref = ref_model(x)
     assert set(shapes) == {(1, 3, rows + 2, 420), (1, 64, rows + 2, 420)}
@@ -226,8 +223,8 @@ def test_compact_runs_large_images_whole_in_strips(models, shared_dir):
 
 
 def test_compact_strip_rows():
-    """Strips: equal heights of about STRIP_PIXELS and about STRIP_MIN_ROWS rows at least where the image allows, every
-    strip's activation under glibc's reuse threshold; small images whole."""
+    """Strips: equal heights of about STRIP_PIXELS and about STRIP_MIN_ROWS rows at least where the image allows,
+    every strip's activation under glibc's reuse threshold; small images whole."""
     assert compact_cpu.strip_rows(256, 256, 64) == 256
     assert compact_cpu.strip_rows(512, 512, 64) == 64
     assert compact_cpu.strip_rows(1024, 1024, 64) == 64

@@ -57,8 +57,8 @@ class AtelierUpscaleImage:
     DESCRIPTION = ("Upscales (or restores) a batch of images with an upscale model: to the model's own scale, by any "
                    "factor (1.5, 8: repeated passes plus an antialiased resize) or to an exact size. Tiles overlap by "
                    "the model's receptive field, so tiled equals untiled; alpha is upscaled separately; greyscale "
-                   "models work on colour images and the other way round. Shows progress per tile; Cancel stops "
-                   "within a layer. A request that would not fit in memory is shrunk before an overshooting pass "
+                   "models work on colour images and the other way round. Shows progress per tile (per layer when "
+                   "a Compact model runs a large image as one CPU call, in strips); Cancel stops within a layer. A request that would not fit in memory is shrunk before an overshooting pass "
                    "or refused with how much it needs.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
